@@ -1,0 +1,30 @@
+"""Errors a user can cause. Each carries a one-line message; the CLI prints it and exits 2."""
+
+from __future__ import annotations
+
+
+class AttnkitError(Exception):
+    """Base class of every user-facing attnkit error (one-line message, no traceback in the CLI)."""
+
+
+class UnsupportedModelError(AttnkitError, TypeError):
+    """The model's class or family has no adapter."""
+
+
+class UnknownMethodError(AttnkitError, KeyError):
+    """A method name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodArgumentError(AttnkitError, ValueError):
+    """An unknown or out-of-range method argument."""
+
+
+class AlreadyWrappedError(AttnkitError, RuntimeError):
+    """wrap() called on a model that is already wrapped."""
+
+
+class InputError(AttnkitError, ValueError):
+    """Model inputs the toolkit cannot interpret (e.g. no input_ids at prefill)."""

@@ -1,0 +1,81 @@
+"""ForwardContext: what a method needs to know about the forward pass it is rewriting.
+
+One context object lives per Handle. The manager refreshes it at the start of every
+top-level forward (prefill, or one decode step of generate) and sets ``layer`` before
+each attention call, so methods never look at transformers internals themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """State of the current forward pass, seen by every method callback.
+
+    Positions are indices into the key/value sequence (the cache), counted from the
+    start of the left-padded batch: at decode step t the new token sits at
+    ``past_len`` and image tokens keep the positions they had at prefill.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    #: True for the first forward over the prompt, False for a KV-cached decode step.
+    is_prefill: bool = True
+    #: Number of decode steps done so far (0 at prefill).
+    step: int = 0
+    batch_size: int = 0
+    #: Number of new (query) tokens in this forward.
+    q_len: int = 0
+    #: Number of tokens already in the KV cache before this forward.
+    past_len: int = 0
+    #: Layer index of the attention call in progress (set by the dispatcher).
+    layer: int = -1
+    #: (B, S_prompt) bool: which prompt positions are image tokens (padding-aware: pads are False).
+    image_mask: torch.Tensor | None = None
+    #: (B, S_kv) bool 2-D padding mask of the whole sequence so far (True = real token), or None.
+    attention_mask: torch.Tensor | None = None
+    #: Token pruning: list of (from_layer, keep) with keep (B, S) bool over key positions.
+    keep: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    #: Free per-handle scratch space for methods (e.g. sink positions found at prefill).
+    store: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_len(self) -> int:
+        return self.past_len + self.q_len
+
+    @property
+    def image_positions(self) -> list[torch.Tensor]:
+        """Per row, the sorted positions of the image tokens (a list because rows may differ)."""
+        if self.image_mask is None:
+            return [torch.empty(0, dtype=torch.long) for _ in range(self.batch_size)]
+        return [row.nonzero().flatten() for row in self.image_mask]
+
+    def image_mask_kv(self) -> torch.Tensor | None:
+        """Image mask over the current key length (tokens generated after the prompt are text)."""
+        if self.image_mask is None:
+            return None
+        extra = self.kv_len - self.image_mask.shape[1]
+        if extra <= 0:
+            return self.image_mask[:, : self.kv_len]
+        pad = self.image_mask.new_zeros(self.image_mask.shape[0], extra)
+        return torch.cat([self.image_mask, pad], dim=1)
+
+    def keep_for_layer(self, layer: int) -> torch.Tensor | None:
+        """(B, S_kv) bool of key positions still present at ``layer`` after pruning, or None."""
+        mask = None
+        for from_layer, keep in self.keep:
+            if from_layer <= layer:
+                mask = keep if mask is None else mask & keep
+        if mask is None:
+            return None
+        extra = self.kv_len - mask.shape[1]
+        if extra > 0:  # tokens generated after the selection are always kept
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1)
+        return mask[:, : self.kv_len]

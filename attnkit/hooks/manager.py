@@ -1,0 +1,210 @@
+"""Hook manager: wraps one model with a list of methods and gives it back intact on remove().
+
+What wrapping does, and what remove() undoes:
+
+1. registers (once per process, idempotent) attnkit's attention and mask functions with
+   transformers' AttentionInterface / AttentionMaskInterface under the name "attnkit";
+2. sets the language sub-config's attention implementation to "attnkit" (vision towers
+   keep theirs), after saving the implementation of every config in the model;
+3. marks each language-model attention module with its Handle (so state is per handle,
+   never global);
+4. adds torch hooks only when a method needs them: a forward pre-hook on the model that
+   refreshes the ForwardContext, decoder-layer pre-hooks for ``select``, and a forward hook
+   for ``logits``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..errors import AlreadyWrappedError
+from . import dispatch
+from .context import ForwardContext
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
+    from ..models.base import Adapter
+
+
+def _register_functions() -> None:
+    """Register attnkit's attention and mask functions under dispatch.NAME (idempotent)."""
+    AttentionInterface.register(dispatch.NAME, dispatch.attention)
+    AttentionMaskInterface.register(dispatch.NAME, dispatch.mask)
+
+
+def _all_configs(model: torch.nn.Module) -> list[Any]:
+    """Every config object reachable from the model: nested sub-configs and each sub-model's own."""
+    seen: dict[int, Any] = {}
+    stack = [model.config]
+    for mod in model.modules():
+        if isinstance(mod, PreTrainedModel):
+            stack.append(mod.config)
+    while stack:
+        cfg = stack.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            stack.append(getattr(cfg, key, None))
+    return list(seen.values())
+
+
+class Handle:
+    """A wrapped model. Use as a context manager, or call remove() to restore the original."""
+
+    def __init__(self, model: torch.nn.Module, methods: list[Method], adapter: Adapter) -> None:
+        if getattr(model, dispatch.HANDLE_ATTR, None) is not None:
+            raise AlreadyWrappedError(
+                f"{type(model).__name__} is already wrapped by attnkit; call handle.remove() before wrapping again"
+            )
+        self.model = model
+        self.adapter = adapter
+        self.methods = list(methods)
+        self.ctx = ForwardContext(
+            num_layers=adapter.num_layers,
+            num_heads=adapter.num_heads,
+            num_kv_heads=adapter.num_kv_heads,
+            head_dim=adapter.head_dim,
+        )
+        self._torch_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._marked: list[torch.nn.Module] = []
+        self._saved_impl: list[tuple[Any, Any]] = []
+        self._routes: list[list[Method]] = [[] for _ in range(adapter.num_layers)]
+        self.removed = False
+        self._install()
+
+    # -- install / remove ------------------------------------------------------------------
+    def _install(self) -> None:
+        _register_functions()
+        self._saved_impl = [(cfg, cfg._attn_implementation_internal) for cfg in _all_configs(self.model)]
+        try:
+            setattr(self.model, dispatch.HANDLE_ATTR, self)
+            self._marked.append(self.model)
+            for attn in self.adapter.attention_modules():
+                setattr(attn, dispatch.HANDLE_ATTR, self)
+                self._marked.append(attn)
+            self.model.set_attn_implementation({self.adapter.text_config_key: dispatch.NAME})
+            for m in self.methods:
+                m.attach(self)
+            if self.methods:
+                self._torch_hooks.append(
+                    self.adapter.context_module().register_forward_pre_hook(self._on_forward, with_kwargs=True)
+                )
+                self._route(self.ctx)
+            if any(m.select is not None for m in self.methods):
+                for i, layer in enumerate(self.adapter.decoder_layers()):
+                    self._torch_hooks.append(
+                        layer.register_forward_pre_hook(self._make_select_hook(i), with_kwargs=True)
+                    )
+            if any(m.logits is not None for m in self.methods):
+                self._torch_hooks.append(self.model.register_forward_hook(self._on_output))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Restore every config's attention implementation and remove every hook and mark attnkit added."""
+        if self.removed:
+            return
+        self.removed = True
+        for h in self._torch_hooks:
+            h.remove()
+        self._torch_hooks.clear()
+        for mod in self._marked:
+            if mod.__dict__.get(dispatch.HANDLE_ATTR) is self:
+                delattr(mod, dispatch.HANDLE_ATTR)
+        self._marked.clear()
+        for cfg, impl in self._saved_impl:
+            cfg._attn_implementation_internal = impl
+        for m in self.methods:
+            m.detach()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"Handle({type(self.model).__name__}, methods={self.methods}, {state})"
+
+    # -- per-forward routing ---------------------------------------------------------------
+    def methods_for_layer(self, layer: int) -> list[Method]:
+        """Active methods that need the eager path at ``layer`` in the current forward."""
+        return self._routes[layer]
+
+    def _route(self, ctx: ForwardContext) -> None:
+        routes: list[list[Method]] = [[] for _ in range(ctx.num_layers)]
+        for m in self.methods:
+            if not m.attention_callbacks():
+                continue
+            layers = m.layers(ctx)
+            for i in range(ctx.num_layers) if layers is None else sorted(layers):
+                if 0 <= i < ctx.num_layers:
+                    routes[i].append(m)
+        self._routes = routes
+
+    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ctx = self.ctx
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        attn = kwargs.get("attention_mask")
+        past = kwargs.get("past_key_values")
+        ref = input_ids if input_ids is not None else embeds
+        q_len = ref.shape[1] if ref is not None else 0
+        if attn is not None and attn.dim() == 2:
+            past_len = attn.shape[1] - q_len
+        elif past is not None:
+            past_len = past.get_seq_length()
+        else:
+            past_len = 0
+        ctx.batch_size = ref.shape[0] if ref is not None else 0
+        ctx.q_len = q_len
+        ctx.past_len = past_len
+        ctx.attention_mask = attn.bool() if attn is not None and attn.dim() == 2 else None
+        if past_len == 0:
+            ctx.is_prefill = True
+            ctx.step = 0
+            ctx.keep = []
+            ctx.store.clear()
+            if input_ids is not None:
+                image_mask = self.adapter.image_mask(input_ids)
+            else:
+                image_mask = self.adapter.image_mask_from_layout(ctx.attention_mask, ctx.batch_size, q_len)
+            if image_mask is not None and ctx.attention_mask is not None:
+                image_mask = image_mask & ctx.attention_mask[:, -q_len:]
+            ctx.image_mask = image_mask
+        else:
+            ctx.is_prefill = False
+            ctx.step += 1
+        for m in self.methods:
+            m.begin_forward(ctx)
+        self._route(ctx)
+
+    def _make_select_hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.ctx.layer = layer
+            for m in self.methods:
+                if m.select is None:
+                    continue
+                keep = m.select(self.ctx, layer, hidden)
+                if keep is not None:
+                    self.ctx.keep.append((layer, keep.to(torch.bool)))
+
+        return hook
+
+    def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            return output
+        for m in self.methods:
+            if m.logits is not None:
+                logits = m.logits(self.ctx, logits)
+        output.logits = logits
+        return output

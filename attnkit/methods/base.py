@@ -1,0 +1,121 @@
+"""Method base class and the callback contract the hook manager calls.
+
+A method is a config dataclass (validated on construction) plus a class with the
+callbacks it needs. Every callback is optional; the manager only routes a layer
+through the eager path when some active method has an attention-level callback for
+it (``scores``, ``probs``, ``head_output``, ``observe``), so an unused layer keeps the
+fused sdpa kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import MethodArgumentError
+
+if TYPE_CHECKING:
+    from ..hooks.context import ForwardContext
+    from ..hooks.manager import Handle
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of method configs. Subclasses are dataclasses and validate in ``__post_init__``."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise MethodArgumentError naming the field and its valid range."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_range(method: str, name: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
+    """One-line MethodArgumentError if ``value`` is outside [lo, hi]."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise MethodArgumentError(f"{method}: {name}={value!r} must be a number")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise MethodArgumentError(f"{method}: {name}={value!r} is out of range {rng}")
+
+
+class Method:
+    """A training-free intervention. Subclasses set ``name``, ``Config`` and the callbacks they need.
+
+    Callbacks (all optional, all receive the handle's ForwardContext):
+
+    - ``scores(ctx, layer, scores) -> scores``: pre-softmax logits (B, H, q, K), mask already added.
+    - ``probs(ctx, layer, probs) -> probs``: post-softmax probabilities (B, H, q, K).
+    - ``head_output(ctx, layer, out) -> out``: per-head attention output (B, q, H, D) before o_proj.
+    - ``observe(ctx, layer, probs) -> None``: read-only look at the final probabilities.
+    - ``select(ctx, layer, hidden) -> keep | None``: called before decoder layer ``layer`` with its
+      input hidden states (B, q, d); a returned (B, S_kv) bool tensor masks the dropped key
+      positions in this and every later layer (pruning).
+    - ``logits(ctx, logits) -> logits``: rewrite the model's output logits (decoding-level methods).
+
+    ``layers(ctx)`` says which layers need the eager path (None = all); ``rows(ctx, layer)`` which
+    query rows need probabilities (None = all rows; fused sdpa computes the others).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    scores = None
+    probs = None
+    head_output = None
+    observe = None
+    select = None
+    logits = None
+
+    def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise MethodArgumentError(f"{self.name}: pass either a config object or keyword arguments, not both")
+        if config is None:
+            config = build_config(self.Config, self.name, kwargs)
+        elif not isinstance(config, self.Config):
+            raise MethodArgumentError(
+                f"{self.name}: config must be {self.Config.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def attach(self, handle: Handle) -> None:
+        """Called once by wrap(): the handle gives the adapter and model geometry."""
+
+    def detach(self) -> None:
+        """Called by Handle.remove(): drop any per-model state."""
+
+    def begin_forward(self, ctx: ForwardContext) -> None:
+        """Called at the start of every top-level forward (prefill or decode step)."""
+
+    # -- routing ---------------------------------------------------------------------------
+    @classmethod
+    def attention_callbacks(cls) -> bool:
+        return any(getattr(cls, cb) is not None for cb in ("scores", "probs", "head_output", "observe"))
+
+    def layers(self, ctx: ForwardContext) -> set[int] | None:
+        """Layers that need the eager path in this forward (None = all layers)."""
+        return None if self.attention_callbacks() else set()
+
+    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
+        """Query rows (indices into the q dimension) that need eager probabilities; None = all."""
+        return None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+        return f"{type(self).__name__}({args})"
+
+
+def build_config(cls: type[MethodConfig], method: str, kwargs: dict[str, Any]) -> MethodConfig:
+    """Instantiate a config, turning unknown keyword arguments into a one-line MethodArgumentError."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        valid = ", ".join(fields) if fields else "none"
+        raise MethodArgumentError(f"{method}: unknown argument {unknown[0]!r} (valid: {valid})")
+    return cls(**kwargs)

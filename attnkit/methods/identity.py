@@ -1,0 +1,31 @@
+"""Identity: a no-op that forces attnkit's eager attention path on every layer.
+
+Used by tests (eager path == fused sdpa) and benchmarks (cost of the eager path). It
+rewrites nothing, so its output equals the unwrapped model up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..hooks.context import ForwardContext
+from .base import Method, MethodConfig
+from .registry import register
+
+
+@dataclasses.dataclass
+class IdentityConfig(MethodConfig):
+    """No fields: identity has no strength to set."""
+
+
+@register
+class Identity(Method):
+    """Eager path on every layer, every query row; probabilities pass through unchanged."""
+
+    name = "identity"
+    Config = IdentityConfig
+
+    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        return probs

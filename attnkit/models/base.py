@@ -1,0 +1,222 @@
+"""Adapter base class: what the toolkit needs to know about a VLM family.
+
+An adapter answers structural questions only (where are the language-model layers,
+which tokens are image tokens, how do they map to an image grid, what is the image-free
+variant of the inputs); it never knows about methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+#: Input keys that carry images (dropped from the image-free variant of the inputs).
+VISION_INPUT_KEYS = (
+    "pixel_values",
+    "pixel_attention_mask",
+    "image_sizes",
+    "image_grid_thw",
+    "qformer_input_ids",
+    "qformer_attention_mask",
+    "image_num_patches",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Row-major block of image tokens: position of cell (i, j) = start + i * stride + j."""
+
+    start: int
+    rows: int
+    cols: int
+    stride: int
+
+    def positions(self) -> torch.Tensor:
+        """(rows, cols) tensor of sequence positions."""
+        i = torch.arange(self.rows)[:, None]
+        j = torch.arange(self.cols)[None, :]
+        return self.start + i * self.stride + j
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``family``, ``model_types`` and override what differs."""
+
+    family: ClassVar[str] = ""
+    #: config.model_type values this adapter handles.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Name of the language sub-config (the key given to set_attn_implementation).
+    text_config_key: ClassVar[str] = "text_config"
+    #: Wrapper tokens just before / after each run of image tokens (e.g. <img> ... </img>).
+    wrap_before: ClassVar[int] = 0
+    wrap_after: ClassVar[int] = 0
+    #: Attribute paths tried, in order, to find the vision encoder.
+    vision_paths: ClassVar[tuple[str, ...]] = ("model.vision_tower", "vision_tower")
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.text_config = getattr(model.config, self.text_config_key)
+
+    # -- language model geometry -----------------------------------------------------------
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.model.get_decoder().layers
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        """The self-attention module of each decoder layer, in layer order."""
+        mods = []
+        for i, layer in enumerate(self.decoder_layers()):
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or getattr(attn, "layer_idx", None) != i:
+                raise RuntimeError(f"{type(self.model).__name__}: decoder layer {i} has no self_attn with layer_idx")
+            mods.append(attn)
+        return mods
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.text_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.text_config, "head_dim", None)
+        return hd or self.text_config.hidden_size // self.num_heads
+
+    # -- image tokens ----------------------------------------------------------------------
+    @property
+    def image_token_ids(self) -> tuple[int, ...]:
+        """Token ids that stand for image features in the language-model sequence."""
+        return (int(self.config.image_token_id),)
+
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: True at image-token positions."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for tid in self.image_token_ids:
+            mask |= input_ids == tid
+        return mask
+
+    def context_module(self) -> torch.nn.Module:
+        """The module whose forward starts each prefill / decode step (its pre-hook feeds the ForwardContext)."""
+        return self.model
+
+    def image_mask_from_layout(self, attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        """Image mask when only embeddings reach context_module() (None: the family cannot tell)."""
+        return None
+
+    def image_positions(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Per row, the sorted positions of its image tokens."""
+        return [row.nonzero().flatten() for row in self.image_mask(input_ids)]
+
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per row, the [start, end) runs of contiguous image tokens (one per image or tile)."""
+        spans = []
+        for row in self.image_mask(input_ids):
+            idx = row.nonzero().flatten().tolist()
+            runs: list[tuple[int, int]] = []
+            for p in idx:
+                if runs and runs[-1][1] == p:
+                    runs[-1] = (runs[-1][0], p + 1)
+                else:
+                    runs.append((p, p + 1))
+            spans.append(runs)
+        return spans
+
+    # -- image grid ------------------------------------------------------------------------
+    def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]] | None:
+        """Per row, the row-major grids of the image tokens (None when the family has no grid).
+
+        Default: each run of image tokens is one square grid.
+        """
+        out = []
+        for runs in self.image_spans(inputs["input_ids"]):
+            grids = []
+            for start, end in runs:
+                side = math.isqrt(end - start)
+                if side * side != end - start:
+                    raise ValueError(f"{self.family}: image run of {end - start} tokens is not a square grid")
+                grids.append(Grid(start, side, side, side))
+            out.append(grids)
+        return out
+
+    # -- image-free variant ----------------------------------------------------------------
+    def text_only_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The same prompts with every image (its tokens and wrapper tokens) removed, left-padded again."""
+        input_ids = inputs["input_ids"]
+        attn = inputs.get("attention_mask")
+        if attn is None:
+            attn = torch.ones_like(input_ids)
+        drop = torch.zeros_like(input_ids, dtype=torch.bool)
+        for r, runs in enumerate(self.image_spans(input_ids)):
+            for start, end in runs:
+                drop[r, max(0, start - self.wrap_before) : end + self.wrap_after] = True
+        keep = (~drop) & attn.bool()
+        per_token = {
+            k: v
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape and k not in VISION_INPUT_KEYS
+        }
+        lengths = keep.sum(1)
+        width = int(lengths.max())
+        pad_id = self._pad_id()
+        out: dict[str, Any] = {}
+        for k, v in per_token.items():
+            fill = pad_id if k == "input_ids" else 0
+            new = v.new_full((v.shape[0], width, *v.shape[2:]), fill)
+            for r in range(v.shape[0]):
+                row = v[r][keep[r]]
+                new[r, width - row.shape[0] :] = row
+            out[k] = new
+        new_attn = torch.zeros(input_ids.shape[0], width, dtype=attn.dtype)
+        for r in range(input_ids.shape[0]):
+            new_attn[r, width - int(lengths[r]) :] = 1
+        out["attention_mask"] = new_attn
+        for k in ("token_type_ids", "mm_token_type_ids"):
+            if k in out:
+                out[k] = torch.zeros_like(out[k])
+        return out
+
+    def text_only_model(self) -> torch.nn.Module:
+        """The module to call with text_only_inputs (the model itself, except where it requires images)."""
+        return self.model
+
+    def _pad_id(self) -> int:
+        for cfg in (self.model.generation_config, self.text_config, self.config):
+            pid = getattr(cfg, "pad_token_id", None)
+            if pid is not None:
+                return int(pid)
+        return 0
+
+    # -- vision tower ----------------------------------------------------------------------
+    def vision_tower(self) -> torch.nn.Module:
+        for path in self.vision_paths:
+            obj: Any = self.model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if obj is not None:
+                return obj
+        raise RuntimeError(f"{type(self.model).__name__}: vision tower not found at {self.vision_paths}")
+
+    def vision_attention_modules(self) -> list[torch.nn.Module]:
+        """The self-attention modules of the vision encoder, in layer order."""
+        return [
+            m
+            for m in self.vision_tower().modules()
+            if type(m).__name__.endswith("Attention") and "Pooling" not in type(m).__name__
+            and "Multihead" not in type(m).__name__
+        ]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.model).__name__})"

@@ -1,0 +1,205 @@
+"""One adapter per supported VLM family (transformers >= 5 model classes)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import Adapter, Grid
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5: CLIP patches (CLS dropped) as one square grid per image."""
+
+    family = "llava"
+    model_types = ("llava",)
+
+
+class LlavaNextAdapter(Adapter):
+    """LLaVA-NeXT: base-image grid, then the unpadded high-res grid with one newline token per row.
+
+    Newline tokens carry the image token id (they are part of the image features), so they are
+    image positions; image_grids() leaves them out of the high-res grid.
+    """
+
+    family = "llava_next"
+    model_types = ("llava_next",)
+
+    def _highres_shape(self, image_size: Any, n_crops_tokens: int) -> tuple[int, int] | None:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        vcfg = self.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        gh, gw = get_anyres_image_grid_shape(
+            [int(x) for x in image_size], self.config.image_grid_pinpoints, vcfg.image_size
+        )
+        feat = unpad_image(torch.zeros(1, gh * side, gw * side), torch.as_tensor(image_size))
+        h, w = feat.shape[1], feat.shape[2]
+        h, w = self._limit(h, w, side)
+        return h, w
+
+    def _limit(self, h: int, w: int, side: int) -> tuple[int, int]:
+        return h, w
+
+    def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
+        vcfg = self.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        sizes = inputs.get("image_sizes")
+        out = []
+        k = 0
+        for runs in self.image_spans(inputs["input_ids"]):
+            grids = []
+            for start, end in runs:
+                n = end - start
+                grids.append(Grid(start, side, side, side))
+                if n > side * side + 1 and sizes is not None:
+                    h, w = self._highres_shape(sizes[k].tolist(), n)
+                    if side * side + h * (w + 1) != n:
+                        raise ValueError(f"{self.family}: image run of {n} tokens does not match its anyres layout")
+                    grids.append(Grid(start + side * side, h, w, w + 1))
+                k += 1
+            out.append(grids)
+        return out
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: as LLaVA-NeXT, plus the anyres_max_9 downscaling of large high-res grids."""
+
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+
+    def _limit(self, h: int, w: int, side: int) -> tuple[int, int]:
+        max_patches = int(str(getattr(self.config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+        ratio = math.sqrt(h * w / (max_patches * side**2))
+        if ratio > 1.1:
+            return int(h // ratio), int(w // ratio)
+        return h, w
+
+
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL: <|vision_start|> image x (h/2 * w/2) <|vision_end|>; grid from image_grid_thw."""
+
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    wrap_before = 1
+    wrap_after = 1
+    vision_paths = ("model.visual", "visual")
+
+    def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
+        merge = self.config.vision_config.spatial_merge_size
+        thw = inputs["image_grid_thw"].tolist()
+        out = []
+        k = 0
+        for runs in self.image_spans(inputs["input_ids"]):
+            grids = []
+            for start, end in runs:
+                t, h, w = thw[k]
+                rows, cols = h // merge, w // merge
+                if t * rows * cols != end - start:
+                    raise ValueError(f"{self.family}: image run of {end - start} tokens != grid {t}x{rows}x{cols}")
+                grids.append(Grid(start, rows, cols, cols))
+                k += 1
+            out.append(grids)
+        return out
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    family = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+
+
+class InstructBlipAdapter(Adapter):
+    """InstructBLIP: num_query_tokens Q-Former outputs in front of the prompt; no spatial grid.
+
+    Its top-level forward requires pixel_values, so the image-free inputs run on the language model.
+    """
+
+    family = "instructblip"
+    model_types = ("instructblip",)
+    vision_paths = ("vision_model", "model.vision_model")
+
+    def image_grids(self, inputs: dict[str, Any]) -> None:
+        return None
+
+    def context_module(self) -> torch.nn.Module:
+        # generate() hands merged embeddings straight to language_model.generate(), so the
+        # top-level forward never runs: the language model's forward starts each step.
+        return self.model.language_model
+
+    def image_mask_from_layout(self, attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+        """The processor puts the num_query_tokens placeholders first: the first n real tokens of each row."""
+        n = self.config.num_query_tokens
+        real = torch.ones(batch, seq, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return real & (real.long().cumsum(1) <= n)
+
+    def text_only_model(self) -> torch.nn.Module:
+        return self.model.language_model
+
+
+class InternVLAdapter(Adapter):
+    """InternVL: <img> image x (tokens per tile x tiles) </img>; one square grid per tile."""
+
+    family = "internvl"
+    model_types = ("internvl",)
+    wrap_before = 1
+    wrap_after = 1
+
+    def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
+        vcfg = self.config.vision_config
+        size = vcfg.image_size[0] if isinstance(vcfg.image_size, (list, tuple)) else vcfg.image_size
+        patch = vcfg.patch_size[0] if isinstance(vcfg.patch_size, (list, tuple)) else vcfg.patch_size
+        side = int(size // patch * self.config.downsample_ratio)
+        per_tile = side * side
+        out = []
+        for runs in self.image_spans(inputs["input_ids"]):
+            grids = []
+            for start, end in runs:
+                if (end - start) % per_tile:
+                    raise ValueError(f"{self.family}: image run of {end - start} tokens is not whole tiles")
+                for t in range((end - start) // per_tile):
+                    grids.append(Grid(start + t * per_tile, side, side, side))
+            out.append(grids)
+        return out
+
+
+class Gemma3Adapter(Adapter):
+    """Gemma3: <start_of_image> image x mm_tokens_per_image <end_of_image>, bidirectional inside."""
+
+    family = "gemma3"
+    model_types = ("gemma3",)
+    wrap_before = 1
+    wrap_after = 1
+
+
+class Idefics3Adapter(Adapter):
+    """Idefics3 / SmolVLM: <fake_token_around_image><global-img> image x n <fake_token_around_image>.
+
+    With image splitting each tile is its own run (preceded by a <row_i_col_j> token).
+    """
+
+    family = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    wrap_before = 2
+    wrap_after = 1
+    vision_paths = ("model.vision_model", "vision_model")
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+    InstructBlipAdapter,
+    InternVLAdapter,
+    Gemma3Adapter,
+    Idefics3Adapter,
+)

@@ -1,0 +1,116 @@
+"""Adapters find exactly the image positions the model itself fills with image features."""
+
+from __future__ import annotations
+
+import torch
+
+import attnkit
+from attnkit import testing
+from attnkit.models import get_adapter
+
+
+def _feature_positions(model, inputs) -> torch.Tensor:
+    """(B, S) bool: where the model's own merge put image features into the language-model input.
+
+    Independent of the adapter: compares the embeddings the decoder receives with the plain token
+    embeddings of input_ids (random image features never coincide with them).
+    """
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    h = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        plain = model.get_input_embeddings()(inputs["input_ids"])
+    return (captured["embeds"] - plain).abs().amax(-1) > 1e-6
+
+
+def test_image_positions_match_the_models_merge(tiny, family):
+    model, inputs = tiny
+    adapter = get_adapter(model)
+    assert adapter.family == family
+    expected = _feature_positions(model, inputs)
+    got = adapter.image_mask(inputs["input_ids"])
+    assert torch.equal(got, expected)
+    for r, pos in enumerate(adapter.image_positions(inputs["input_ids"])):
+        assert pos.numel() > 0
+        assert torch.equal(pos, expected[r].nonzero().flatten())
+        assert torch.equal(pos, (inputs["input_ids"][r] == model.config.image_token_id).nonzero().flatten())
+
+
+def test_wrapper_tokens_around_each_image(tiny, family):
+    """Families with start/end tokens: they sit right before/after every image run."""
+    model, inputs = tiny
+    adapter = get_adapter(model)
+    ids = testing.multimodal_token_ids(family)
+    start_key = {"qwen2_vl": "vision_start", "qwen2_5_vl": "vision_start", "qwen3_vl": "vision_start",
+                 "internvl": "image_start", "gemma3": "boi", "idefics3": "global_image"}.get(family)
+    end_key = {"qwen2_vl": "vision_end", "qwen2_5_vl": "vision_end", "qwen3_vl": "vision_end",
+               "internvl": "image_end", "gemma3": "eoi", "idefics3": "fake_image"}.get(family)
+    for r, runs in enumerate(adapter.image_spans(inputs["input_ids"])):
+        row = inputs["input_ids"][r]
+        for start, end in runs:
+            if start_key is None:
+                assert adapter.wrap_before == adapter.wrap_after == 0
+                continue
+            before = int(row[start - 1])
+            if family == "idefics3":  # a split image's tiles start with <row_i_col_j> instead
+                tile_ids = {v for k, v in ids.items() if k.startswith("row_")}
+                assert before == ids[start_key] or before in tile_ids
+                assert int(row[start - 2]) == ids["fake_image"]
+            else:
+                assert before == ids[start_key]
+            assert int(row[end]) == ids[end_key]
+
+
+def test_text_only_inputs_drop_every_image_token(tiny, family):
+    model, inputs = tiny
+    adapter = get_adapter(model)
+    text = adapter.text_only_inputs(inputs)
+    special = set(testing.multimodal_token_ids(family).values())
+    valid = text["attention_mask"].bool()
+    assert not any(int(t) in special for t in text["input_ids"][valid])
+    assert not (text["attention_mask"][:, -1] == 0).any(), "left padding"
+    for r in range(inputs["input_ids"].shape[0]):
+        before = [int(t) for t in inputs["input_ids"][r][inputs["attention_mask"][r].bool()] if int(t) not in special]
+        assert [int(t) for t in text["input_ids"][r][valid[r]]] == before
+    with torch.no_grad():
+        out = adapter.text_only_model()(**text)
+    assert out.logits.shape[:2] == text["input_ids"].shape
+
+
+def test_image_grids_cover_image_positions(tiny, family):
+    model, inputs = tiny
+    adapter = get_adapter(model)
+    grids = adapter.image_grids(inputs)
+    if family == "instructblip":
+        assert grids is None
+        return
+    for r, row_grids in enumerate(grids):
+        covered = torch.cat([g.positions().flatten() for g in row_grids])
+        pos = adapter.image_positions(inputs["input_ids"])[r]
+        assert set(covered.tolist()) <= set(pos.tolist())
+        if family not in ("llava_next", "llava_onevision"):  # newline tokens are image tokens without a cell
+            assert sorted(covered.tolist()) == pos.tolist()
+        for g in row_grids:
+            assert g.rows > 0 and g.cols > 0
+
+
+def test_geometry_and_vision_tower(tiny):
+    model, _ = tiny
+    adapter = get_adapter(model)
+    cfg = model.config.get_text_config()
+    assert adapter.num_layers == cfg.num_hidden_layers
+    assert adapter.num_heads == cfg.num_attention_heads
+    assert [a.layer_idx for a in adapter.attention_modules()] == list(range(adapter.num_layers))
+    tower = adapter.vision_tower()
+    assert any(p is next(iter(tower.parameters())) for p in model.parameters())
+    assert len(adapter.vision_attention_modules()) >= 1
+    with attnkit.wrap(model, []) as h:
+        assert h.ctx.num_kv_heads == adapter.num_kv_heads
