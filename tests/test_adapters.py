@@ -114,3 +114,28 @@ def test_geometry_and_vision_tower(tiny):
     assert len(adapter.vision_attention_modules()) >= 1
     with attnkit.wrap(model, []) as h:
         assert h.ctx.num_kv_heads == adapter.num_kv_heads
+
+
+def test_multi_image_rows(family):
+    """Two images in one row, one in the other: one run (or tile runs) per image, positions exact."""
+    if family == "instructblip":
+        return  # one image per prompt by design (Q-Former queries)
+    model, _ = testing.tiny_model(family)
+    processor = testing.tiny_processor(family)
+    a, b, c = testing.sample_images(3)
+    rows = [[{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What differs between these?"}],
+            [{"type": "image"}, {"type": "text", "text": "Is there a cat?"}]]
+    texts = [processor.apply_chat_template([{"role": "user", "content": r}], add_generation_prompt=True,
+                                           tokenize=False) for r in rows]
+    inputs = dict(processor(text=texts, images=[[a, b], [c]], padding=True, return_tensors="pt"))
+    adapter = get_adapter(model)
+    assert torch.equal(adapter.image_mask(inputs["input_ids"]), _feature_positions(model, inputs))
+    spans = adapter.image_spans(inputs["input_ids"], inputs)
+    assert len(spans[0]) >= 2 and len(spans[0]) == 2 * len(spans[1])
+    grids = adapter.image_grids(inputs)
+    # OneVision gives a multi-image row base grids only, a single image its high-res grid too
+    assert len(grids[0]) == 2 * len(grids[1]) or (family == "llava_onevision" and len(grids[0]) == 2)
+    for r, row_grids in enumerate(grids):
+        covered = torch.cat([g.positions().flatten() for g in row_grids]).tolist()
+        assert len(set(covered)) == len(covered)
+        assert set(covered) <= set(adapter.image_positions(inputs["input_ids"])[r].tolist())

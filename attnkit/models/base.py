@@ -118,8 +118,19 @@ class Adapter:
         """Per row, the sorted positions of its image tokens."""
         return [row.nonzero().flatten() for row in self.image_mask(input_ids)]
 
-    def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-        """Per row, the [start, end) runs of contiguous image tokens (one per image or tile)."""
+    def image_token_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        """Image tokens of each image of the batch, in order, for families whose images can sit
+        back to back with no separator token (None: every image is its own run)."""
+        return None
+
+    def image_spans(self, input_ids: torch.Tensor, inputs: dict[str, Any] | None = None) -> list[list[tuple[int, int]]]:
+        """Per row, the [start, end) span of each image (or tile) in the sequence.
+
+        Runs of contiguous image tokens; when ``inputs`` are given and the family knows each
+        image's token count, back-to-back images are split apart.
+        """
+        counts = self.image_token_counts(inputs) if inputs is not None else None
+        k = 0
         spans = []
         for row in self.image_mask(input_ids):
             idx = row.nonzero().flatten().tolist()
@@ -129,6 +140,16 @@ class Adapter:
                     runs[-1] = (runs[-1][0], p + 1)
                 else:
                     runs.append((p, p + 1))
+            if counts is not None:
+                split = []
+                for start, end in runs:
+                    while start < end:
+                        if k >= len(counts) or start + counts[k] > end:
+                            raise ValueError(f"{self.family}: image tokens do not match the images' token counts")
+                        split.append((start, start + counts[k]))
+                        start += counts[k]
+                        k += 1
+                runs = split
             spans.append(runs)
         return spans
 
@@ -139,7 +160,7 @@ class Adapter:
         Default: each run of image tokens is one square grid.
         """
         out = []
-        for runs in self.image_spans(inputs["input_ids"]):
+        for runs in self.image_spans(inputs["input_ids"], inputs):
             grids = []
             for start, end in runs:
                 side = math.isqrt(end - start)

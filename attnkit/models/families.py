@@ -10,11 +10,25 @@ import torch
 from .base import Adapter, Grid
 
 
+def _base_side(config: Any) -> int:
+    vcfg = config.vision_config
+    return vcfg.image_size // vcfg.patch_size
+
+
 class LlavaAdapter(Adapter):
     """LLaVA-1.5: CLIP patches (CLS dropped) as one square grid per image."""
 
     family = "llava"
     model_types = ("llava",)
+
+    def image_token_counts(self, inputs: dict[str, Any]) -> list[int] | None:
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            return None
+        side = _base_side(self.config)
+        if self.config.vision_feature_select_strategy == "full":
+            return None  # CLS kept: not a square grid
+        return [side * side] * pixel_values.shape[0]
 
 
 class LlavaNextAdapter(Adapter):
@@ -27,37 +41,50 @@ class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_types = ("llava_next",)
 
-    def _highres_shape(self, image_size: Any, n_crops_tokens: int) -> tuple[int, int] | None:
+    def _highres_shape(self, image_size: Any) -> tuple[int, int]:
+        """(rows, cols) of the unpadded high-res grid, as the model's pack_image_features builds it."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-        vcfg = self.config.vision_config
-        side = vcfg.image_size // vcfg.patch_size
+        side = _base_side(self.config)
         gh, gw = get_anyres_image_grid_shape(
-            [int(x) for x in image_size], self.config.image_grid_pinpoints, vcfg.image_size
+            [int(x) for x in image_size], self.config.image_grid_pinpoints, self.config.vision_config.image_size
         )
         feat = unpad_image(torch.zeros(1, gh * side, gw * side), torch.as_tensor(image_size))
-        h, w = feat.shape[1], feat.shape[2]
-        h, w = self._limit(h, w, side)
-        return h, w
+        return self._limit(feat.shape[1], feat.shape[2], side)
 
     def _limit(self, h: int, w: int, side: int) -> tuple[int, int]:
         return h, w
 
-    def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
-        vcfg = self.config.vision_config
-        side = vcfg.image_size // vcfg.patch_size
+    def _anyres(self, inputs: dict[str, Any]) -> list[bool]:
+        """Per image of the batch: does it get the high-res grid (else base grid + one newline)?"""
+        return [True] * len(inputs["image_sizes"])
+
+    def image_token_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         sizes = inputs.get("image_sizes")
+        if sizes is None:
+            return None
+        side = _base_side(self.config)
+        counts = []
+        for size, anyres in zip(sizes.tolist(), self._anyres(inputs)):
+            if anyres:
+                h, w = self._highres_shape(size)
+                counts.append(side * side + h * (w + 1))
+            else:
+                counts.append(side * side + 1)
+        return counts
+
+    def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
+        side = _base_side(self.config)
+        sizes = inputs["image_sizes"].tolist()
+        anyres = self._anyres(inputs)
         out = []
         k = 0
-        for runs in self.image_spans(inputs["input_ids"]):
+        for runs in self.image_spans(inputs["input_ids"], inputs):
             grids = []
             for start, end in runs:
-                n = end - start
                 grids.append(Grid(start, side, side, side))
-                if n > side * side + 1 and sizes is not None:
-                    h, w = self._highres_shape(sizes[k].tolist(), n)
-                    if side * side + h * (w + 1) != n:
-                        raise ValueError(f"{self.family}: image run of {n} tokens does not match its anyres layout")
+                if anyres[k]:
+                    h, w = self._highres_shape(sizes[k])
                     grids.append(Grid(start + side * side, h, w, w + 1))
                 k += 1
             out.append(grids)
@@ -69,6 +96,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     family = "llava_onevision"
     model_types = ("llava_onevision",)
+
+    def _anyres(self, inputs: dict[str, Any]) -> list[bool]:
+        # a row with several images gets base grids only (the model's need_patching rule)
+        per_row = inputs.get("batch_num_images")
+        if per_row is None:
+            return [True] * len(inputs["image_sizes"])
+        return [int(n) == 1 for n in per_row.tolist() for _ in range(int(n))]
 
     def _limit(self, h: int, w: int, side: int) -> tuple[int, int]:
         max_patches = int(str(getattr(self.config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
