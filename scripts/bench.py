@@ -1,7 +1,8 @@
 """Benchmark attnkit's hook overhead on CPU-sized models with real VLM layouts.
 
-Measures, side by side in one run (configurations interleaved round-robin, median over
---repeats runs each), prefill time and N-token greedy generate time for:
+Measures, side by side in one run (configurations interleaved, in a shuffled order each
+repetition so that no configuration always follows the memory-hungry eager run; median
+over --repeats runs each), prefill time and N-token greedy generate time for:
 
   (a) unwrapped sdpa
   (b) wrapped with no active method      target: (b)/(a) <= 1.03
@@ -19,6 +20,7 @@ Usage: python scripts/bench.py --preset llava15-mini [--repeats 5] [--new-tokens
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -138,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, _ in kinds:
             run(kind, what)
     times: dict[tuple[str, str], list[float]] = {(k, w): [] for k, _ in kinds for w in whats}
+    order = random.Random(0)
     for _ in range(args.repeats):
         for what in whats:
-            for kind, _ in kinds:
+            for kind, _ in order.sample(kinds, len(kinds)):
                 times[(kind, what)].append(run(kind, what))
 
     seq = inputs["input_ids"].shape[1]

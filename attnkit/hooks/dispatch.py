@@ -134,12 +134,14 @@ def _eager(
         if m.scores is not None:
             scores = m.scores(ctx, layer, scores)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if dead_rows is not None:
-        # rows that see no key at all (left padding) attend to nothing, as in sdpa
-        probs = probs.masked_fill(dead_rows, 0.0)
     for m in methods:
         if m.probs is not None:
             probs = m.probs(ctx, layer, probs)
+    if dead_rows is not None:
+        # Rows that see no key at all (left padding) attend to nothing, as in sdpa. Done after the
+        # methods (which see the uniform row eager attention gives) so a renormalising method
+        # cannot turn them into NaN.
+        probs = probs.masked_fill(dead_rows, 0.0)
     for m in methods:
         if m.observe is not None:
             m.observe(ctx, layer, probs)

@@ -195,7 +195,7 @@ class Handle:
                     continue
                 keep = m.select(self.ctx, layer, hidden)
                 if keep is not None:
-                    self.ctx.keep.append((layer, keep.to(torch.bool)))
+                    self.ctx.keep.append((layer, keep.to(device=hidden.device, dtype=torch.bool)))
 
         return hook
 
