@@ -1,8 +1,8 @@
 """Benchmark attnkit's hook overhead on CPU-sized models with real VLM layouts.
 
-Measures, side by side in one run (configurations interleaved, in a shuffled order each
-repetition so that no configuration always follows the memory-hungry eager run; median
-over --repeats runs each), prefill time and N-token greedy generate time for:
+Measures, side by side in one run (configurations interleaved, the order rotated and
+reversed between repetitions so that no configuration always follows the memory-hungry
+eager run; median over --repeats runs each), prefill time and N-token greedy generate time for:
 
   (a) unwrapped sdpa
   (b) wrapped with no active method      target: (b)/(a) <= 1.03
@@ -20,7 +20,6 @@ Usage: python scripts/bench.py --preset llava15-mini [--repeats 5] [--new-tokens
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -102,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d to run (e.g. a,b for the overhead alone)")
     args = p.parse_args(argv)
     if args.repeats < 5:
         print("note: fewer than 5 repeats; medians are noisy", file=sys.stderr)
@@ -135,15 +135,21 @@ def main(argv: list[str] | None = None) -> int:
 
     kinds = [("sdpa", "(a) unwrapped sdpa"), ("wrap-empty", "(b) wrapped, no method"),
              ("identity", "(c) identity, every layer"), ("eager", "(d) eager + output_attentions")]
+    wanted = {c.strip() for c in args.configs.split(",")} | {"a"}  # (a) is the reference
+    kinds = [k for k in kinds if k[1][1] in wanted]
     whats = ["prefill"] + ([] if args.skip_generate else ["generate"])
     for what in whats:  # warm-up
         for kind, _ in kinds:
             run(kind, what)
     times: dict[tuple[str, str], list[float]] = {(k, w): [] for k, _ in kinds for w in whats}
-    order = random.Random(0)
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
+        # rotate the order each repetition and reverse it every other one, so that every
+        # configuration runs in every slot and after different neighbours
+        order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+        if rep % 2:
+            order = order[::-1]
         for what in whats:
-            for kind, _ in order.sample(kinds, len(kinds)):
+            for kind, _ in order:
                 times[(kind, what)].append(run(kind, what))
 
     seq = inputs["input_ids"].shape[1]
