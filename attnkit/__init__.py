@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors, methods
+from .loading import load_model
 from .methods.registry import list_methods, make_method
 from .models import get_adapter, list_models
 
@@ -36,4 +37,14 @@ def wrap(model: Any, methods: Any = (), **kwargs: Any):
     return Handle(model, objs, adapter)
 
 
-__all__ = ["errors", "get_adapter", "list_methods", "list_models", "methods", "wrap", "__version__"]
+__all__ = [
+    "__version__",
+    "errors",
+    "get_adapter",
+    "list_methods",
+    "list_models",
+    "load_model",
+    "make_method",
+    "methods",
+    "wrap",
+]

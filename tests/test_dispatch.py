@@ -51,9 +51,10 @@ class PassThrough(Method):
     q_len=st.integers(1, 6),
     pad=st.lists(st.integers(0, 3), min_size=3, max_size=3),
     row_subset=st.booleans(),
+    causal=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_subset, seed):
+def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, seed):
     g = torch.Generator().manual_seed(seed)
     heads, dim = kv_heads * groups, 4
     kv_len = past + q_len
@@ -66,6 +67,8 @@ def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_s
     mask = sdpa_mask(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=past,
                      mask_function=causal_mask_function, attention_mask=attn2d, allow_is_causal_skip=True)
     module = FakeAttention(groups)
+    if not causal:  # a bidirectional call: no mask, module not causal
+        mask, module.is_causal = None, False
     ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=dim**-0.5)
 
     rows = torch.tensor([q_len - 1]) if row_subset else None

@@ -31,11 +31,13 @@ def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-def _bool_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+def _bool_mask(
+    mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device, is_causal: bool = True
+) -> torch.Tensor | None:
     """The boolean (B|1, 1, q, kv) mask that sdpa applies for ``mask`` (None = sdpa's is_causal rule)."""
     if mask is None:
-        if q_len == 1:
-            return None  # sdpa attends to every cached key
+        if q_len == 1 or not is_causal:
+            return None  # sdpa attends to every key
         # sdpa's is_causal is upper-left aligned (it crops keys beyond q_len on prefill)
         rows = torch.arange(q_len, device=device)[:, None]
         cols = torch.arange(kv_len, device=device)[None, :]
@@ -120,7 +122,9 @@ def _eager(
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    bool_mask = _bool_mask(attention_mask, q_len, kv_len, query.device)
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    bool_mask = _bool_mask(attention_mask, q_len, kv_len, query.device, is_causal)
     dead_rows = None
     if bool_mask is not None:
         if rows is not None:
