@@ -321,3 +321,15 @@ def test_sliding_window_kwargs_reach_the_attention_function(monkeypatch):
     with attnkit.wrap(model, "identity"):
         logits(model, inputs)
     assert any(sw is not None for _, sw in seen), seen
+
+
+def test_model_that_ignores_set_attn_implementation(monkeypatch):
+    """If transformers does not route the LM through AttentionInterface, wrap() refuses and cleans up."""
+    model, _ = _llava()
+    monkeypatch.setattr(model, "set_attn_implementation", lambda *a, **k: None)
+    with pytest.raises(errors.UnsupportedModelError, match="set_attn_implementation had no effect"):
+        attnkit.wrap(model, "identity")
+    assert not any(dispatch.HANDLE_ATTR in m.__dict__ for m in model.modules())
+    monkeypatch.undo()
+    with attnkit.wrap(model, "identity"):
+        pass

@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..errors import AlreadyWrappedError
+from ..errors import AlreadyWrappedError, UnsupportedModelError
 from . import dispatch
 from .context import ForwardContext
 
@@ -88,6 +88,11 @@ class Handle:
                 setattr(attn, dispatch.HANDLE_ATTR, self)
                 self._marked.append(attn)
             self.model.set_attn_implementation({self.adapter.text_config_key: dispatch.NAME})
+            if self.adapter.text_config._attn_implementation != dispatch.NAME:
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__}: transformers would not route its language-model attention "
+                    "through AttentionInterface (set_attn_implementation had no effect)"
+                )
             for m in self.methods:
                 m.attach(self)
             if self.methods:
