@@ -93,7 +93,7 @@ def _eager(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     ctx = handle.ctx
     ctx.layer = layer
-    bsz, n_heads, q_len, head_dim = query.shape
+    _, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
