@@ -12,6 +12,7 @@ import attnkit
 from attnkit import errors, testing
 from attnkit.hooks import dispatch
 from attnkit.methods import Method, MethodConfig, check_range
+from attnkit.models import get_adapter
 
 from .conftest import _tiny, greedy, logits, valid_positions
 
@@ -333,3 +334,57 @@ def test_model_that_ignores_set_attn_implementation(monkeypatch):
     monkeypatch.undo()
     with attnkit.wrap(model, "identity"):
         pass
+
+
+class ZeroHead(Method):
+    """Test double for head_output: silence one head of one layer before o_proj."""
+
+    name = "zerohead_double"
+
+    def layers(self, ctx):
+        return {1}
+
+    def head_output(self, ctx, layer, out):
+        out = out.clone()
+        out[:, :, 0] = 0.0
+        return out
+
+
+def test_head_output_is_per_head_before_o_proj():
+    model, inputs = _llava()
+    attn = get_adapter(model).attention_modules()[1]
+    head_dim = model.config.text_config.head_dim
+
+    def zero_first_head(module, args):
+        x = args[0].clone()
+        x[..., :head_dim] = 0.0
+        return (x,)
+
+    h = attn.o_proj.register_forward_pre_hook(zero_first_head)
+    try:
+        ref = logits(model, inputs)
+    finally:
+        h.remove()
+    with attnkit.wrap(model, ZeroHead()):
+        got = logits(model, inputs)
+    keep = valid_positions(inputs)
+    torch.testing.assert_close(got[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+def test_pruning_keep_mask_survives_kv_cached_decoding():
+    """A keep mask chosen at prefill hides the same keys at every decode step: cached == recomputed."""
+    model, inputs = _llava()
+    img = (inputs["input_ids"][1] == model.config.image_token_id).nonzero().flatten()[1::3]
+    n = 4
+    with attnkit.wrap(model, KeepDouble(at=1, drop=img)), torch.no_grad():
+        gen = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
+        for t in range(n):
+            ext = dict(inputs)
+            ext["input_ids"] = torch.cat([inputs["input_ids"], tokens[:, :t]], 1)
+            ext["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
+            full = model(**ext).logits[:, -1]
+            torch.testing.assert_close(full, gen.logits[t], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits[:, -1], gen.logits[0], atol=1e-3), "drop had no effect"
