@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import attnkit
 from attnkit import cli
 
 
@@ -40,4 +39,3 @@ def test_console_script_runs_without_traceback():
 def test_method_arg_parsing():
     assert cli._parse_method_args(["a=1", "b=0.5", "c=true", "d=none", "e=x"]) == {
         "a": 1, "b": 0.5, "c": True, "d": None, "e": "x"}
-    assert attnkit.list_methods()

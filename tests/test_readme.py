@@ -21,7 +21,7 @@ def test_readme_method_example_runs(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # keep the registry clean
     namespace = {"model": model}
     exec(compile(block, "README.md", "exec"), namespace)
-    handle = namespace.get("handle") or next(v for v in namespace.values() if isinstance(v, attnkit.hooks.Handle))
+    handle = namespace["handle"]
     try:
         got = logits(model, inputs)
     finally:

@@ -43,7 +43,8 @@ class ForwardContext:
     attention_mask: torch.Tensor | None = None
     #: Token pruning: list of (from_layer, keep) with keep (B, S) bool over key positions.
     keep: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    #: Free per-handle scratch space for methods (e.g. sink positions found at prefill).
+    #: Per-handle scratch space for methods (e.g. sink positions found at prefill); emptied at
+    #: every prefill, kept across the decode steps that follow it.
     store: dict[str, Any] = field(default_factory=dict)
 
     @property

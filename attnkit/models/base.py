@@ -129,13 +129,15 @@ class Adapter:
         Runs of contiguous image tokens; when ``inputs`` are given and the family knows each
         image's token count, back-to-back images are split apart.
         """
-        counts = self.image_token_counts(inputs) if inputs is not None else None
+        return self.split_spans(input_ids, self.image_token_counts(inputs) if inputs is not None else None)
+
+    def split_spans(self, input_ids: torch.Tensor, counts: list[int] | None) -> list[list[tuple[int, int]]]:
+        """Runs of contiguous image tokens per row, cut by ``counts`` (tokens per image, batch order)."""
         k = 0
         spans = []
         for row in self.image_mask(input_ids):
-            idx = row.nonzero().flatten().tolist()
             runs: list[tuple[int, int]] = []
-            for p in idx:
+            for p in row.nonzero().flatten().tolist():
                 if runs and runs[-1][1] == p:
                     runs[-1] = (runs[-1][0], p + 1)
                 else:

@@ -59,34 +59,34 @@ class LlavaNextAdapter(Adapter):
         """Per image of the batch: does it get the high-res grid (else base grid + one newline)?"""
         return [True] * len(inputs["image_sizes"])
 
+    def _layouts(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:
+        """Per image of the batch: (rows, cols) of its high-res grid, or None for base grid + newline."""
+        return [
+            self._highres_shape(size) if anyres else None
+            for size, anyres in zip(inputs["image_sizes"].tolist(), self._anyres(inputs))
+        ]
+
+    def _counts(self, layouts: list[tuple[int, int] | None]) -> list[int]:
+        base = _base_side(self.config) ** 2
+        return [base + (1 if hw is None else hw[0] * (hw[1] + 1)) for hw in layouts]
+
     def image_token_counts(self, inputs: dict[str, Any]) -> list[int] | None:
-        sizes = inputs.get("image_sizes")
-        if sizes is None:
+        if inputs.get("image_sizes") is None:
             return None
-        side = _base_side(self.config)
-        counts = []
-        for size, anyres in zip(sizes.tolist(), self._anyres(inputs)):
-            if anyres:
-                h, w = self._highres_shape(size)
-                counts.append(side * side + h * (w + 1))
-            else:
-                counts.append(side * side + 1)
-        return counts
+        return self._counts(self._layouts(inputs))
 
     def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
         side = _base_side(self.config)
-        sizes = inputs["image_sizes"].tolist()
-        anyres = self._anyres(inputs)
+        layouts = self._layouts(inputs)
+        images = iter(layouts)
         out = []
-        k = 0
-        for runs in self.image_spans(inputs["input_ids"], inputs):
+        for runs in self.split_spans(inputs["input_ids"], self._counts(layouts)):
             grids = []
-            for start, end in runs:
+            for start, _ in runs:
                 grids.append(Grid(start, side, side, side))
-                if anyres[k]:
-                    h, w = self._highres_shape(sizes[k])
-                    grids.append(Grid(start + side * side, h, w, w + 1))
-                k += 1
+                hw = next(images)
+                if hw is not None:
+                    grids.append(Grid(start + side * side, hw[0], hw[1], hw[1] + 1))
             out.append(grids)
         return out
 
@@ -126,7 +126,7 @@ class Qwen2VLAdapter(Adapter):
         thw = inputs["image_grid_thw"].tolist()
         out = []
         k = 0
-        for runs in self.image_spans(inputs["input_ids"]):
+        for runs in self.image_spans(inputs["input_ids"], inputs):
             grids = []
             for start, end in runs:
                 t, h, w = thw[k]
@@ -192,7 +192,7 @@ class InternVLAdapter(Adapter):
         side = int(size // patch * self.config.downsample_ratio)
         per_tile = side * side
         out = []
-        for runs in self.image_spans(inputs["input_ids"]):
+        for runs in self.image_spans(inputs["input_ids"], inputs):
             grids = []
             for start, end in runs:
                 if (end - start) % per_tile:
