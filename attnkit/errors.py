@@ -28,3 +28,11 @@ class AlreadyWrappedError(AttnkitError, RuntimeError):
 
 class InputError(AttnkitError, ValueError):
     """Model inputs the toolkit cannot interpret (e.g. no input_ids at prefill)."""
+
+
+class DataError(AttnkitError, ValueError):
+    """Bad or missing evaluation data: a file, a JSON line, an image, an annotation (message names it)."""
+
+
+class OutputError(AttnkitError, OSError):
+    """The output directory cannot be created or written."""

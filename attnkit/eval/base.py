@@ -1,0 +1,57 @@
+"""What a task is: a loader of samples, a prompt, an answer parser and a metric, as plain Python.
+
+The runner (``attnkit.eval.runner``) knows tasks only through this interface: it batches
+``Sample`` objects through a model, writes one JSON line per sample and hands the records
+back to ``Task.score``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Sample:
+    """One question to the model.
+
+    ``id`` is unique within a run (it keys resume); ``image`` is the image file's path;
+    ``question`` is the user text before the chat template; ``label`` and ``meta`` are
+    JSON-serialisable and copied into ``samples.jsonl``.
+    """
+
+    id: str
+    image: Path
+    question: str
+    label: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of evaluation tasks. Subclasses set ``name`` and implement the methods below."""
+
+    name: str = ""
+    #: max_new_tokens when the user does not give one
+    default_max_new_tokens: int = 16
+
+    def load(self) -> list[Sample]:
+        """All samples of the run, in a fixed order. Raise ``attnkit.errors.DataError`` naming the culprit."""
+        raise NotImplementedError
+
+    def parse(self, output: str) -> Any:
+        """The model's decoded reply -> the parsed answer stored in ``samples.jsonl``."""
+        return output
+
+    def score(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Metrics from the records (dicts with id, prompt, output, parsed, label, meta); JSON-serialisable."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        """A short markdown table of the metrics, printed at the end of a run."""
+        rows = [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str))]
+        return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+    def config(self) -> dict[str, Any]:
+        """The task's resolved settings, recorded in results.json."""
+        return {"task": self.name}
