@@ -16,13 +16,13 @@ from typing import Any
 class Sample:
     """One question to the model.
 
-    ``id`` is unique within a run (it keys resume); ``image`` is the image file's path;
-    ``question`` is the user text before the chat template; ``label`` and ``meta`` are
+    ``id`` is unique within a run (it keys resume); ``image`` is the image file's path, or a
+    PIL image, or a zero-argument callable returning one (lazy, e.g. a datasets row); ``question`` is the user text before the chat template; ``label`` and ``meta`` are
     JSON-serialisable and copied into ``samples.jsonl``.
     """
 
     id: str
-    image: Path
+    image: Path | Any
     question: str
     label: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +51,10 @@ class Task:
         """A short markdown table of the metrics, printed at the end of a run."""
         rows = [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str))]
         return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+    def extra_outputs(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Extra files for the output dir, ``{file name: JSON-serialisable object}`` (``.jsonl`` names take a list)."""
+        return {}
 
     def config(self) -> dict[str, Any]:
         """The task's resolved settings, recorded in results.json."""
