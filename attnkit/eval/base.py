@@ -17,7 +17,8 @@ class Sample:
     """One question to the model.
 
     ``id`` is unique within a run (it keys resume); ``image`` is the image file's path, or a
-    PIL image, or a zero-argument callable returning one (lazy, e.g. a datasets row); ``question`` is the user text before the chat template; ``label`` and ``meta`` are
+    PIL image, or a zero-argument callable returning one (lazy, e.g. a datasets row);
+    ``question`` is the user text before the chat template; ``label`` and ``meta`` are
     JSON-serialisable and copied into ``samples.jsonl``.
     """
 
