@@ -643,16 +643,6 @@ def sample_images(n: int = 2, size: tuple[int, int] = (64, 48), seed: int = 0) -
     return images
 
 
-def _move_padding_left(batch: dict[str, Any]) -> None:
-    """InstructBlipProcessor prepends the query placeholders to already padded text: [query][pad][text].
-    Reorder each row to [pad][query][text] so the batch is truly left-padded (the Q-Former text stays
-    right-padded, see ``_qformer_tokenizer``)."""
-    mask = batch["attention_mask"]
-    order = torch.argsort(mask, dim=1, stable=True)  # padding (0) first, otherwise order kept
-    for key in ("input_ids", "attention_mask"):
-        batch[key] = torch.gather(batch[key], 1, order)
-
-
 def tiny_inputs(
     family: str,
     processor: ProcessorMixin | None = None,
@@ -661,24 +651,12 @@ def tiny_inputs(
 ) -> dict[str, Any]:
     """Left-padded batch, one row per prompt, each with one image before its text, made by the processor
     through its chat template (``padding=True``, ``return_tensors="pt"``)."""
+    from .eval.inputs import make_batch
+
     processor = processor if processor is not None else tiny_processor(family)
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     images = list(images) if images is not None else sample_images(len(prompts))
-    if len(images) != len(prompts):
-        raise ValueError(f"need one image per prompt, got {len(images)} images for {len(prompts)} prompts")
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for prompt in prompts
-    ]
-    batch = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
-    batch = dict(batch)
-    if family == "instructblip":
-        _move_padding_left(batch)
-    return batch
+    return make_batch(processor, family, prompts, images)
 
 
 def _generation_settings(family: str) -> dict[str, Any]:
