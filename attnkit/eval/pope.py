@@ -1,0 +1,546 @@
+"""POPE: polling-based object probing (Li et al. 2023, "Evaluating Object Hallucination in LVLMs").
+
+Yes/no questions "Is there a X in the image?", half about objects in the image and half about
+absent ones, sampled three ways (random, popular, adversarial). This module loads the original
+question files or the lmms-lab/POPE Hugging Face layout, builds new sets from a COCO-format
+instances file, parses replies and scores them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from attnkit.errors import DataError, OutputError
+from attnkit.eval.base import Sample, Task
+
+SOURCES: tuple[str, ...] = ("coco", "aokvqa", "gqa")
+SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+DEFAULT_SUFFIX = " Please answer yes or no."
+#: config of the lmms-lab/POPE dataset whose splits are adversarial / popular / random
+HF_CONFIG = "Full"
+YES, NO, UNKNOWN = "yes", "no", "unknown"
+
+_FIELDS = ("question_id", "image", "text", "label")  # one line of an original question file
+_HF_FIELDS = ("question_id", "question", "answer", "image")
+_RATES = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+_QUESTION = re.compile(r"^\s*is there (?:a|an) (.+?) in the image\s*\?", re.IGNORECASE)
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
+_SENTENCE_END = re.compile(r"[.!?\n]")
+_NEGATIONS = frozenset({"no", "not", "cannot"})
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def check_source(source: str) -> str:
+    """``source`` if it is one of SOURCES, else DataError listing them."""
+    if source not in SOURCES:
+        raise DataError(f"unknown POPE source {source!r}; valid: {', '.join(SOURCES)}")
+    return source
+
+
+def resolve_splits(splits: str | Iterable[str]) -> tuple[str, ...]:
+    """Validated split names in the given order, duplicates dropped; "all" means all three."""
+    names = [splits] if isinstance(splits, str) else list(splits)
+    out: list[str] = []
+    for name in names:
+        for split in SPLITS if name == "all" else (name,):
+            if split not in SPLITS:
+                raise DataError(f"unknown POPE split {split!r}; valid: {', '.join(SPLITS)}, all")
+            if split not in out:
+                out.append(split)
+    if not out:
+        raise DataError(f"no POPE split given; valid: {', '.join(SPLITS)}, all")
+    return tuple(out)
+
+
+def question_file_names(source: str, split: str) -> tuple[str, str]:
+    """File names a split's questions may have: ``{source}_pope_{split}.json`` and the SEEM-built variant."""
+    return f"{source}_pope_{split}.json", f"{source}_pope_seem_{split}.json"
+
+
+# ----------------------------------------------------------------------------- prompt / parser
+
+
+def pope_question(obj: str, suffix: str = DEFAULT_SUFFIX) -> str:
+    """ "Is there a {obj} in the image?" + suffix ("an" before a vowel, as the original files)."""
+    article = "an" if obj[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+    return f"Is there {article} {obj} in the image?{suffix}"
+
+
+def object_of(question: str) -> str | None:
+    """The object of an "Is there a X in the image?" question, else None."""
+    m = _QUESTION.match(question)
+    return m.group(1).strip() if m else None
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
+def parse_answer(text: str, strict: bool = False) -> str:
+    """A reply -> "yes" | "no" | "unknown".
+
+    Default (the original POPE rule): keep the first sentence (up to ``.``, ``!``, ``?`` or a
+    newline); "no" if it has the word no, not, cannot or a word ending in n't, else "yes".
+    ``strict``: "yes"/"no" only if the reply's first word is yes/no (case and leading
+    punctuation ignored) and it does not contain both words; else "unknown".
+    An empty or blank reply is "unknown" in both modes (the original would count it as yes).
+    """
+    if not text or not text.strip():
+        return UNKNOWN
+    if strict:
+        words = _words(text)
+        if not words or words[0] not in (YES, NO) or (YES in words and NO in words):
+            return UNKNOWN
+        return words[0]
+    first = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+    if any(w in _NEGATIONS or w.endswith("n't") for w in _words(first)):
+        return NO
+    return YES
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def pope_metrics(preds: Sequence[Any], labels: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy, precision, recall, f1 (positive = "yes"), yes_ratio, unknown, n and the counts.
+
+    Any prediction other than "yes"/"no" counts as unknown, and an unknown is wrong: it lowers
+    accuracy, and on a "yes" question also recall (precision counts only "yes" predictions).
+    yes_ratio is the share of "yes" among the predictions. A ratio with a zero denominator is 0.
+    """
+    preds, labels = list(preds), [str(label).strip().lower() for label in labels]
+    if len(preds) != len(labels):
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
+    if not preds:
+        raise ValueError("no predictions to score")
+    bad = next((label for label in labels if label not in (YES, NO)), None)
+    if bad is not None:
+        raise ValueError(f"label must be 'yes' or 'no', got {bad!r}")
+    preds = [p if p in (YES, NO) else UNKNOWN for p in preds]
+    tp = sum(p == YES and t == YES for p, t in zip(preds, labels))
+    fp = sum(p == YES and t == NO for p, t in zip(preds, labels))
+    tn = sum(p == NO and t == NO for p, t in zip(preds, labels))
+    fn = sum(p != YES and t == YES for p, t in zip(preds, labels))  # includes unknowns
+    n = len(preds)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "n": n,
+        "accuracy": (tp + tn) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n,
+        "unknown": preds.count(UNKNOWN),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def average_metrics(per_split: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Macro mean of each rate over the splits; n and unknown are totals."""
+    if not per_split:
+        raise ValueError("no splits to average")
+    out: dict[str, Any] = {k: sum(m[k] for m in per_split) / len(per_split) for k in _RATES}
+    out["n"] = sum(m["n"] for m in per_split)
+    out["unknown"] = sum(m["unknown"] for m in per_split)
+    return out
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def find_question_file(data_dir: Path, source: str, split: str) -> Path | None:
+    """The split's question file in ``data_dir`` or ``data_dir/<source>``, else None."""
+    for folder in (data_dir, data_dir / source):
+        for name in question_file_names(source, split):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _rows(path: Path) -> Iterable[tuple[str, Any]]:
+    """(location, parsed JSON) per question: JSON lines, or a JSON array as in the SEEM-built files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read POPE question file {path}: {e}") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        for i, row in enumerate(items, 1):
+            yield f"{path}: item {i}", row
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        yield f"{path}:{lineno}", row
+
+
+def _label(value: Any, where: str, field: str, qid: Any) -> str:
+    label = value.strip().lower() if isinstance(value, str) else value
+    if label not in (YES, NO):
+        raise DataError(f"{where}: field {field!r} must be 'yes' or 'no', got {value!r} (question_id {qid!r})")
+    return label
+
+
+def load_question_file(
+    path: Path, source: str, split: str, image_dir: Path, suffix: str = DEFAULT_SUFFIX
+) -> list[Sample]:
+    """Samples of one original question file (``{"question_id", "image", "text", "label"}`` per line)."""
+    samples: list[Sample] = []
+    seen: set[Any] = set()
+    for where, row in _rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for field in _FIELDS:
+            if field not in row:
+                raise DataError(f"{where}: missing field {field!r}")
+        qid, image, text = row["question_id"], row["image"], row["text"]
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise DataError(f"{where}: field 'question_id' must be an integer or a string, got {qid!r}")
+        if qid in seen:
+            raise DataError(f"{where}: duplicate question_id {qid!r}")
+        seen.add(qid)
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: field 'image' must be a file name (question_id {qid!r})")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field 'text' must be a non-empty string (question_id {qid!r})")
+        samples.append(
+            Sample(
+                id=f"{source}/{split}/{qid}",
+                image=image_dir / image,
+                question=text.strip() + suffix,
+                label=_label(row["label"], where, "label", qid),
+                meta={"source": source, "split": split, "question_id": qid,
+                      "object": object_of(text), "image": image},
+            )
+        )
+    if not samples:
+        raise DataError(f"no questions in POPE question file {path}")
+    return samples
+
+
+class _RowImage:
+    """Zero-argument loader of one row's image of a datasets split (decoded on call)."""
+
+    def __init__(self, images: Any, index: int, where: str) -> None:
+        self.images, self.index, self.where = images, index, where
+
+    def __call__(self) -> Any:
+        image = self.images[self.index]["image"]
+        if image is None:
+            raise DataError(f"{self.where}: row {self.index} has no image")
+        return image
+
+    def __repr__(self) -> str:
+        return f"<image of row {self.index} of {self.where}>"
+
+
+def load_hf_split(name: str, source: str, split: str, suffix: str = DEFAULT_SUFFIX) -> list[Sample]:
+    """Samples of one split of a dataset laid out like lmms-lab/POPE (config "Full"); images stay lazy."""
+    import datasets  # heavy; only this layout needs it
+
+    where = f"{name} [{HF_CONFIG}/{split}]"
+    try:
+        ds = datasets.load_dataset(name, HF_CONFIG, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"cannot load {where} as a Hugging Face dataset: {type(e).__name__}: {first}") from None
+    for field in _HF_FIELDS:
+        if field not in ds.column_names:
+            raise DataError(f"{where}: missing field {field!r} (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise DataError(f"{where}: no questions")
+    text_cols = [c for c in ("question_id", "question", "answer", "image_source") if c in ds.column_names]
+    rows = ds.select_columns(text_cols).to_list()  # no image is decoded here
+    images = ds.select_columns(["image"])
+    samples: list[Sample] = []
+    seen: set[Any] = set()
+    for i, row in enumerate(rows):
+        qid, text = row["question_id"], row["question"]
+        if qid is None or qid in seen:
+            raise DataError(f"{where}: row {i}: {'missing' if qid is None else 'duplicate'} question_id {qid!r}")
+        seen.add(qid)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: row {i}: field 'question' is empty (question_id {qid!r})")
+        samples.append(
+            Sample(
+                id=f"{source}/{split}/{qid}",
+                image=_RowImage(images, i, where),
+                question=text.strip() + suffix,
+                label=_label(row["answer"], f"{where}: row {i}", "answer", qid),
+                meta={"source": source, "split": split, "question_id": qid,
+                      "object": object_of(text), "image": row.get("image_source")},
+            )
+        )
+    return samples
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _read_instances(path: Path) -> tuple[dict[int, str], dict[int, set[str]]]:
+    """(image id -> file name, image id -> distinct category names) of a COCO instances file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"COCO instances file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read COCO instances file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing field {key!r} (a list)")
+
+    def field(kind: str, j: int, item: Any, key: str) -> Any:
+        if not isinstance(item, dict) or key not in item:
+            raise DataError(f"{path}: {kind}[{j}] missing field {key!r}")
+        return item[key]
+
+    names = {field("categories", j, c, "id"): str(field("categories", j, c, "name")).strip()
+             for j, c in enumerate(data["categories"])}
+    files = {field("images", j, im, "id"): str(field("images", j, im, "file_name"))
+             for j, im in enumerate(data["images"])}
+    cats: dict[int, set[str]] = {image_id: set() for image_id in files}
+    for j, ann in enumerate(data["annotations"]):
+        image_id, cat_id = field("annotations", j, ann, "image_id"), field("annotations", j, ann, "category_id")
+        if image_id not in files:
+            raise DataError(f"{path}: annotations[{j}] refers to unknown image_id {image_id!r}")
+        if cat_id not in names:
+            raise DataError(f"{path}: annotations[{j}] refers to unknown category_id {cat_id!r}")
+        cats[image_id].add(names[cat_id])
+    return files, cats
+
+
+def _negative(
+    split: str,
+    positive: str,
+    absent: list[str],
+    popular_order: list[str],
+    cooc: dict[str, Counter[str]],
+    rng: random.Random,
+) -> str:
+    """One absent category for the split's strategy; ``absent`` is sorted and non-empty."""
+    candidates = set(absent)
+    if split == "popular":
+        return next(c for c in popular_order if c in candidates)
+    if split == "adversarial":
+        ranked = sorted((c for c, n in cooc[positive].items() if n > 0 and c in candidates),
+                        key=lambda c: (-cooc[positive][c], c))
+        if ranked:
+            return ranked[0]
+    return rng.choice(absent)  # random split, or no absent category ever co-occurs with the positive
+
+
+def build_pope(
+    instances_json: str | Path,
+    out_dir: str | Path,
+    *,
+    source: str = "coco",
+    num_images: int = 500,
+    questions_per_image: int = 6,
+    seed: int = 0,
+    splits: str | Iterable[str] = SPLITS,
+) -> dict[str, Path]:
+    """Write ``{source}_pope_{split}.json`` files (original format) and ``{source}_pope_build.json``.
+
+    Images: ``num_images`` drawn with ``seed`` among those with at least questions_per_image/2
+    distinct categories. Per image, questions_per_image/2 present categories (same for every
+    split), each followed by an absent one: random = uniform; popular = most frequent over all
+    images of the file; adversarial = most co-occurring (same image) with that positive over
+    all images of the file, falling back to random when none co-occurs.
+    Returns {split: path}.
+    """
+    check_source(source)
+    split_list = resolve_splits(splits)
+    if isinstance(questions_per_image, bool) or questions_per_image < 2 or questions_per_image % 2:
+        raise ValueError(f"questions_per_image must be an even number >= 2, got {questions_per_image!r}")
+    if isinstance(num_images, bool) or num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images!r}")
+    k = questions_per_image // 2
+    path = Path(instances_json)
+    files, cats = _read_instances(path)
+
+    freq: Counter[str] = Counter(c for cs in cats.values() for c in cs)  # images containing c
+    cooc: dict[str, Counter[str]] = defaultdict(Counter)  # images containing both
+    for cs in cats.values():
+        for a in cs:
+            cooc[a].update(b for b in cs if b != a)
+    vocab = sorted(freq)
+    popular_order = sorted(vocab, key=lambda c: (-freq[c], c))
+
+    eligible = sorted(i for i, cs in cats.items() if len(cs) >= k)
+    if len(eligible) < num_images:
+        raise DataError(f"{path}: only {len(eligible)} images have >= {k} distinct categories; "
+                        f"num_images={num_images}")
+    rng = random.Random(seed)
+    chosen = rng.sample(eligible, num_images)
+    positives = {i: rng.sample(sorted(cats[i]), k) for i in chosen}
+
+    questions: dict[str, list[dict[str, Any]]] = {}
+    for split in split_list:
+        split_rng = random.Random(f"{seed}/{split}")  # a split's negatives do not depend on the others
+        rows: list[dict[str, Any]] = []
+        for image_id in chosen:
+            used = set(cats[image_id])
+            for pos in positives[image_id]:
+                absent = [c for c in vocab if c not in used]
+                if not absent:
+                    raise DataError(f"{path}: image {image_id} ({files[image_id]}) leaves fewer than {k} "
+                                    f"absent categories to ask about")
+                neg = _negative(split, pos, absent, popular_order, cooc, split_rng)
+                used.add(neg)
+                for obj, label in ((pos, YES), (neg, NO)):
+                    rows.append({"question_id": len(rows) + 1, "image": files[image_id],
+                                 "text": pope_question(obj, suffix=""), "label": label})
+        questions[split] = rows
+
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    record = {
+        "source": source,
+        "seed": seed,
+        "num_images": num_images,
+        "questions_per_image": questions_per_image,
+        "splits": list(split_list),
+        "instances": str(path),
+        "instances_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "eligible_images": len(eligible),
+        "statistics": "image-level category frequency and co-occurrence over all images of the instances file",
+        "image_ids": chosen,
+    }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for split, rows in questions.items():
+            written[split] = out / question_file_names(source, split)[0]
+            written[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (out / f"{source}_pope_build.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"cannot write POPE files to {out}: {e}") from None
+    return written
+
+
+# ----------------------------------------------------------------------------- task
+
+
+class PopeTask(Task):
+    """POPE yes/no object probing over one source and one or more splits.
+
+    ``data_dir`` holds the original question files (``{source}_pope_{split}.json``, also looked
+    for in ``data_dir/<source>``; images in ``image_dir``, default ``data_dir/images``), or is a
+    Hugging Face dataset in the lmms-lab/POPE layout (a local directory or a hub name).
+    """
+
+    name = "pope"
+    default_max_new_tokens = 16
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        source: str = "coco",
+        splits: str | Iterable[str] = ("adversarial",),
+        image_dir: str | Path | None = None,
+        suffix: str = DEFAULT_SUFFIX,
+        strict: bool = False,
+    ) -> None:
+        self.data_dir = data_dir
+        self.source = check_source(source)
+        self.splits = resolve_splits(splits)
+        self.image_dir = Path(image_dir) if image_dir is not None else Path(data_dir) / "images"
+        self.suffix = suffix
+        self.strict = strict
+        self.layout: str | None = None  # "original" or "hf", known after load()
+        self.files: dict[str, str] = {}
+
+    def load(self) -> list[Sample]:
+        root = Path(self.data_dir)
+        if root.is_dir():
+            found = {s: find_question_file(root, self.source, s) for s in self.splits}
+            if any(found.values()) or any(root.glob("*_pope_*.json")) or any(root.glob("*/*_pope_*.json")):
+                missing = [s for s, p in found.items() if p is None]
+                if missing:
+                    name = question_file_names(self.source, missing[0])[0]
+                    raise DataError(f"missing POPE question file {root / name}")
+                self.layout = "original"
+                self.files = {s: str(p) for s, p in found.items()}
+                return [s for split, p in found.items() if p is not None
+                        for s in load_question_file(p, self.source, split, self.image_dir, self.suffix)]
+        elif root.exists():
+            raise DataError(f"POPE data dir is not a directory: {root}")
+        elif root.is_absolute() or str(self.data_dir).startswith((".", "~")) or str(self.data_dir).count("/") != 1:
+            raise DataError(f"POPE data dir not found: {root}")
+        self.layout = "hf"
+        name = str(self.data_dir)
+        return [s for split in self.splits for s in load_hf_split(name, self.source, split, self.suffix)]
+
+    def parse(self, output: str) -> str:
+        return parse_answer(output, strict=self.strict)
+
+    def score(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """{"splits": {split: pope_metrics}, "average": average_metrics over those splits}."""
+        by_split: dict[str, tuple[list[Any], list[Any]]] = {}
+        for r in records:
+            split = (r.get("meta") or {}).get("split")
+            if split not in SPLITS:
+                raise DataError(f"record {r.get('id')!r}: meta.split must be one of {', '.join(SPLITS)}, "
+                                f"got {split!r}")
+            parsed = r.get("parsed")
+            if parsed is None:
+                parsed = self.parse(r.get("output") or "")
+            preds, labels = by_split.setdefault(split, ([], []))
+            preds.append(parsed)
+            labels.append(r.get("label"))
+        if not by_split:
+            raise DataError("no POPE records to score")
+        order = [s for s in self.splits if s in by_split]
+        order += [s for s in SPLITS if s in by_split and s not in order]
+        try:
+            per_split = {s: pope_metrics(*by_split[s]) for s in order}
+        except ValueError as e:
+            raise DataError(f"cannot score POPE records: {e}") from None
+        return {"splits": per_split, "average": average_metrics(list(per_split.values()))}
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        """Markdown table: one row per split and the average."""
+        rows = [*metrics.get("splits", {}).items(), ("average", metrics["average"])]
+        lines = ["| split | acc | precision | recall | f1 | yes_ratio | unknown |", "|---|---|---|---|---|---|---|"]
+        for split, m in rows:
+            rates = " | ".join(f"{m[k]:.4f}" for k in _RATES)
+            lines.append(f"| {split} | {rates} | {m['unknown']} |")
+        return "\n".join(lines)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "source": self.source,
+            "splits": list(self.splits),
+            "data_dir": str(self.data_dir),
+            "image_dir": str(self.image_dir) if self.layout != "hf" else None,
+            "layout": self.layout,
+            "files": dict(self.files),
+            "suffix": self.suffix,
+            "strict": self.strict,
+        }
