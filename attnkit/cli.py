@@ -1,4 +1,4 @@
-"""Command-line front: ``attnkit list`` and ``attnkit demo`` (eval/reproduce/viz come with the eval layer)."""
+"""Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task) and ``chair`` (score captions)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,121 @@ def _parse_method_args(pairs: list[str]) -> dict[str, Any]:
 def cmd_list(args: argparse.Namespace) -> int:
     import attnkit
 
+    from .eval import TASKS
+
     print("methods:  " + ", ".join(attnkit.list_methods()))
     print("families: " + ", ".join(attnkit.list_models()))
+    print("tasks:    " + ", ".join(TASKS))
+    return 0
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    """"8-15" or "2,4,6" or "2,8-10" -> sorted layer indices; None or "all" -> None."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.update(range(int(lo), int(hi) + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise AttnkitError(f"--layers {text!r}: expected indices like 8-15 or 2,4,6") from None
+    return sorted(out)
+
+
+def _make_methods(names: str | None, pairs: list[str]) -> list[Any]:
+    """``--method a,b`` with ``--method-arg [name.]k=v`` -> Method objects (``none`` or empty: no method).
+
+    A bare ``k=v`` goes to every listed method that has the field ``k``; ``name.k=v`` to that one.
+    """
+    import dataclasses
+
+    from .errors import MethodArgumentError
+    from .methods.registry import get_method_class, make_method
+
+    listed = [n.strip() for n in (names or "").split(",") if n.strip() and n.strip().lower() != "none"]
+    classes = [get_method_class(n) for n in listed]
+    kwargs: list[dict[str, Any]] = [{} for _ in listed]
+    for key, value in _parse_method_args(pairs).items():
+        target, _, field = key.rpartition(".")
+        hit = False
+        for i, (n, cls) in enumerate(zip(listed, classes)):
+            fields = {f.name for f in dataclasses.fields(cls.Config)}
+            if (target and target == n) or (not target and field in fields):
+                kwargs[i][field] = value
+                hit = True
+        if not hit:
+            if not listed:
+                raise MethodArgumentError(f"--method-arg {key}: no --method given")
+            if target and target not in listed:
+                raise MethodArgumentError(f"--method-arg {key}: method {target!r} is not in --method {names}")
+            valid = sorted({f.name for cls in classes for f in dataclasses.fields(cls.Config)})
+            raise MethodArgumentError(
+                f"{', '.join(listed)}: unknown argument {field!r} (valid: {', '.join(valid) or 'none'})"
+            )
+    return [make_method(n, **kw) for n, kw in zip(listed, kwargs)]
+
+
+def _make_task(args: argparse.Namespace) -> Any:
+    from .eval import TASKS
+
+    name = args.task
+    if name not in TASKS:
+        raise AttnkitError(f"unknown task {name!r} (valid: {', '.join(TASKS)})")
+    if name == "pope":
+        from .eval.pope import PopeTask
+
+        if args.data_dir is None:
+            raise AttnkitError("--task pope needs --data-dir (question files or the lmms-lab/POPE dataset)")
+        kw: dict[str, Any] = {"source": args.source or "coco", "splits": (args.split or "adversarial").split(","),
+                              "image_dir": args.image_dir, "strict": args.strict}
+        if args.suffix is not None:
+            kw["suffix"] = args.suffix
+        return PopeTask(args.data_dir, **kw)
+    annotations = args.annotations or args.data_dir
+    if annotations is None:
+        raise AttnkitError(f"--task {name} needs --annotations (the COCO annotations dir)")
+    split = args.split or "val2014"
+    if name == "chair":
+        from .eval.chair import ChairTask
+
+        return ChairTask(annotations, args.image_dir, split=split, num_images=args.num_images, seed=args.seed)
+    from .eval.grounding import GroundingTask
+
+    kw = {"split": split, "refs": args.refs, "layers": _parse_layers(args.layers)}
+    if args.suffix is not None:
+        kw["suffix"] = args.suffix
+    return GroundingTask(annotations, args.image_dir, **kw)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run a benchmark task through a model wrapped with the given methods."""
+    from .eval.runner import RunSettings, run_task
+    from .loading import load_model
+
+    task = _make_task(args)
+    methods = _make_methods(args.method, args.method_arg)
+    settings = RunSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                           seed=args.seed, resume=args.resume, skip_missing=args.skip_missing,
+                           progress=not args.no_progress)
+    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code, seed=args.seed)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    run_task(task, model, processor, methods, args.output, settings, model_id=args.model, config=config)
+    return 0
+
+
+def cmd_chair(args: argparse.Namespace) -> int:
+    """Score captions produced elsewhere with CHAIR."""
+    from .eval.chair import format_summary, score_file
+
+    metrics, written = score_file(args.captions, args.annotations, split=args.split,
+                                  image_id_key=args.image_id_key, caption_key=args.caption_key, output=args.output)
+    print(format_summary(metrics))
+    print(f"\nper-caption results: {written}")
     return 0
 
 
@@ -68,10 +181,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``attnkit: error: ...``, exit 2) instead of usage dumps."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"attnkit: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnkit", description="Training-free attention methods for VLMs.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list methods and model families").set_defaults(func=cmd_list)
+    p = _Parser(prog="attnkit", description="Training-free attention methods for VLMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="list methods, model families and tasks").set_defaults(func=cmd_list)
+
+    e = sub.add_parser("eval", help="run a benchmark task (pope, chair, grounding) through a wrapped model")
+    e.add_argument("--model", required=True, help="hub id, local path, or tiny:FAMILY")
+    e.add_argument("--method", default="none", help="method name(s), comma-separated; 'none' = unwrapped")
+    e.add_argument("--method-arg", action="append", default=[], metavar="[NAME.]K=V")
+    e.add_argument("--task", required=True, help="pope, chair or grounding")
+    e.add_argument("--source", default=None, help="POPE source: coco, aokvqa, gqa (default coco)")
+    e.add_argument("--split", default=None,
+                   help="POPE: random, popular, adversarial, comma list or all (default adversarial); "
+                        "CHAIR/grounding: COCO split (default val2014)")
+    e.add_argument("--data-dir", default=None, help="POPE question files or dataset; CHAIR/grounding annotations")
+    e.add_argument("--image-dir", default=None, help="images (POPE default: DATA_DIR/images)")
+    e.add_argument("--annotations", default=None, help="COCO annotations dir (instances_*.json, captions_*.json)")
+    e.add_argument("--refs", default=None, help="grounding: RefCOCO-style refs JSON (image_id, ann_id, sentences)")
+    e.add_argument("--layers", default=None, help="grounding: layers to average, e.g. 8-15 (default all)")
+    e.add_argument("--num-images", type=int, default=500, help="CHAIR: images sampled from the split")
+    e.add_argument("--strict", action="store_true", help="POPE: replies that are not clearly yes/no count as unknown")
+    e.add_argument("--suffix", default=None, help="text appended to each question (POPE default: ' Please answer yes or no.')")
+    e.add_argument("--limit", type=int, default=None, help="run only the first N samples")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (POPE 16, CHAIR 512)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output", required=True, help="run directory (samples.jsonl, results.json)")
+    e.add_argument("--resume", action="store_true", help="continue the run in --output, skipping logged ids")
+    e.add_argument("--skip-missing", action="store_true", help="skip samples whose image file is missing")
+    e.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    e.add_argument("--device-map", default=None)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("chair", help="score captions produced elsewhere with CHAIR")
+    c.add_argument("captions", help="JSONL (or JSON list) of {image_id, caption}")
+    c.add_argument("--annotations", required=True, help="COCO annotations dir (instances_*.json, captions_*.json)")
+    c.add_argument("--split", default="val2014")
+    c.add_argument("--image-id-key", default="image_id")
+    c.add_argument("--caption-key", default="caption")
+    c.add_argument("--output", default=None, help="per-caption results (default CAPTIONS.chair.jsonl)")
+    c.set_defaults(func=cmd_chair)
+
     d = sub.add_parser("demo", help="generate on a tiny offline model with and without a method")
     d.add_argument("--family", default="llava")
     d.add_argument("--method", default="identity")

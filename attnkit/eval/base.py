@@ -53,6 +53,18 @@ class Task:
         rows = [f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, (int, float, str))]
         return "\n".join(["| metric | value |", "|---|---|", *rows])
 
+    def observer(self, adapter: Any, processor: Any) -> Any:
+        """A Method to wrap the model with during the run (e.g. an attention observer), or None.
+
+        Raise ``attnkit.errors.UnsupportedModelError`` if the task cannot run on this model."""
+        return None
+
+    def collect(
+        self, observer: Any, samples: list[Sample], batch: dict[str, Any], new_tokens: Any, adapter: Any
+    ) -> list[dict[str, Any]]:
+        """After each batch, per-row extra fields for the records, read from ``observer``."""
+        return [{} for _ in samples]
+
     def extra_outputs(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Extra files for the output dir, ``{file name: JSON-serialisable object}`` (``.jsonl`` names take a list)."""
         return {}

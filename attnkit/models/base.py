@@ -56,6 +56,11 @@ class Adapter:
     wrap_after: ClassVar[int] = 0
     #: Attribute paths tried, in order, to find the vision encoder.
     vision_paths: ClassVar[tuple[str, ...]] = ("model.vision_tower", "vision_tower")
+    #: Which of an image's grids shows the whole image (0: the first, e.g. LLaVA-NeXT's base view;
+    #: -1: the last, e.g. InternVL's thumbnail after its tiles).
+    global_view: ClassVar[int] = 0
+    #: Whether image tokens lie on a spatial grid (False for InstructBLIP's Q-Former queries).
+    has_image_grid: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

@@ -157,6 +157,7 @@ class InstructBlipAdapter(Adapter):
 
     family = "instructblip"
     model_types = ("instructblip",)
+    has_image_grid = False
     vision_paths = ("vision_model", "model.vision_model")
 
     def image_grids(self, inputs: dict[str, Any]) -> None:
@@ -182,6 +183,7 @@ class InternVLAdapter(Adapter):
 
     family = "internvl"
     model_types = ("internvl",)
+    global_view = -1  # tiles first, then the whole-image thumbnail
     wrap_before = 1
     wrap_after = 1
 
@@ -220,6 +222,7 @@ class Idefics3Adapter(Adapter):
 
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
+    global_view = -1  # tiles first, then the <global-img> view
     wrap_before = 2
     wrap_after = 1
     vision_paths = ("model.vision_model", "vision_model")
