@@ -73,13 +73,16 @@ class AnswerAttention(Method):
 
 
 # -- geometry -------------------------------------------------------------------------------------
-def view_region(image_processor: Any, width: int, height: int) -> tuple[float, float, float, float]:
+def view_region(
+    image_processor: Any, width: int, height: int, cropped: bool = True
+) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) of the original image that the processed whole-image view shows.
 
-    Processors that resize then centre-crop (CLIP's, used by LLaVA-1.5) show a central part;
-    every other processor here resizes (or tiles) the whole image, so the view is the whole image.
+    A view that goes through a resize-then-centre-crop processor (CLIP's, used by LLaVA-1.5:
+    ``cropped``) shows a central part; other views (LLaVA-NeXT's base view, Qwen, InternVL's
+    thumbnail, ...) are the whole image resized.
     """
-    if not getattr(image_processor, "do_center_crop", False):
+    if not cropped or not getattr(image_processor, "do_center_crop", False):
         return 0.0, 0.0, float(width), float(height)
     crop = getattr(image_processor, "crop_size", None) or {}
     size = getattr(image_processor, "size", None) or {}
@@ -267,7 +270,7 @@ class GroundingTask(Task):
             grid = grid_list[adapter.global_view]
             cells = attention[grid.positions()]
             width, height = sample.meta["image_size"]
-            region = view_region(image_processor, width, height)
+            region = view_region(image_processor, width, height, adapter.global_view_cropped)
             out.append({"grounding": score_map(cells, region, sample.meta["bbox"])})
         return out
 

@@ -59,6 +59,9 @@ class Adapter:
     #: Which of an image's grids shows the whole image (0: the first, e.g. LLaVA-NeXT's base view;
     #: -1: the last, e.g. InternVL's thumbnail after its tiles).
     global_view: ClassVar[int] = 0
+    #: Whether that view passes through the image processor's centre crop (if it has one enabled);
+    #: otherwise the view shows the whole image, resized.
+    global_view_cropped: ClassVar[bool] = False
     #: Whether image tokens lie on a spatial grid (False for InstructBLIP's Q-Former queries).
     has_image_grid: ClassVar[bool] = True
 

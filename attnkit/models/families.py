@@ -20,6 +20,7 @@ class LlavaAdapter(Adapter):
 
     family = "llava"
     model_types = ("llava",)
+    global_view_cropped = True  # CLIP's processor: shortest-edge resize, then centre crop
 
     def image_token_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         pixel_values = inputs.get("pixel_values")
