@@ -92,19 +92,18 @@ def parse_answer(text: str, strict: bool = False) -> str:
     newline); "no" if it has the word no, not, cannot or a word ending in n't, else "yes".
     ``strict``: "yes"/"no" only if the reply's first word is yes/no (case and leading
     punctuation ignored) and it does not contain both words; else "unknown".
-    An empty or blank reply is "unknown" in both modes (the original would count it as yes).
+    A reply without any letter (empty, blank, punctuation) is "unknown" in both modes; the
+    original would count it as "yes".
     """
-    if not text or not text.strip():
+    words = _words(text or "")
+    if not words:
         return UNKNOWN
     if strict:
-        words = _words(text)
-        if not words or words[0] not in (YES, NO) or (YES in words and NO in words):
+        if words[0] not in (YES, NO) or (YES in words and NO in words):
             return UNKNOWN
         return words[0]
-    first = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
-    if any(w in _NEGATIONS or w.endswith("n't") for w in _words(first)):
-        return NO
-    return YES
+    first = next(w for w in (_words(s) for s in _SENTENCE_END.split(text)) if w)
+    return NO if any(w in _NEGATIONS or w.endswith("n't") for w in first) else YES
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -264,6 +263,8 @@ def load_hf_split(name: str, source: str, split: str, suffix: str = DEFAULT_SUFF
         ds = datasets.load_dataset(name, HF_CONFIG, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
         first = (str(e).strip().splitlines() or [""])[0]
+        if "corresponds to no data" in first:  # how datasets reports an empty split
+            raise DataError(f"{where}: no questions") from None
         raise DataError(f"cannot load {where} as a Hugging Face dataset: {type(e).__name__}: {first}") from None
     for field in _HF_FIELDS:
         if field not in ds.column_names:
