@@ -135,7 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = _make_methods(args.method, args.method_arg)
     settings = RunSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                            seed=args.seed, resume=args.resume, skip_missing=args.skip_missing,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, do_sample=args.do_sample,
+                           temperature=args.temperature, top_p=args.top_p)
     model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code, seed=args.seed)
     config = {k: v for k, v in vars(args).items() if k != "func"}
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (POPE 16, CHAIR 512)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
+    e.add_argument("--temperature", type=float, default=None)
+    e.add_argument("--top-p", type=float, default=None)
     e.add_argument("--output", required=True, help="run directory (samples.jsonl, results.json)")
     e.add_argument("--resume", action="store_true", help="continue the run in --output, skipping logged ids")
     e.add_argument("--skip-missing", action="store_true", help="skip samples whose image file is missing")
@@ -250,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except AttnkitError as e:
         print(f"attnkit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("attnkit: interrupted (an eval run continues with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

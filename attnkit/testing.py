@@ -14,10 +14,12 @@ agree. Nothing here downloads weights, tokenizers or data.
 
 from __future__ import annotations
 
+import json
 import random
 import string
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "tiny_inputs",
     "tiny_model",
     "tiny_processor",
+    "write_coco",
 ]
 
 FAMILIES: tuple[str, ...] = (
@@ -657,6 +660,37 @@ def tiny_inputs(
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     images = list(images) if images is not None else sample_images(len(prompts))
     return make_batch(processor, family, prompts, images)
+
+
+COCO_TEST_CATEGORIES: tuple[str, ...] = ("person", "dog", "cat", "car", "chair", "cup", "bus", "bird")
+
+
+def write_coco(root: str | Path, n_images: int = 6, size: tuple[int, int] = (64, 48), seed: int = 11) -> Path:
+    """A small COCO-format set under ``root``: ``val2014/`` drawn images, ``annotations/`` with
+    ``instances_val2014.json`` (three distinct categories per image, one box each) and
+    ``captions_val2014.json`` (one caption per image). Returns the annotations directory."""
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "val2014").mkdir(exist_ok=True)
+    names = COCO_TEST_CATEGORIES
+    images, anns, caps = [], [], []
+    width, height = size
+    for i, image in enumerate(sample_images(n_images, size=size, seed=seed), start=1):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        image.save(root / "val2014" / name)
+        images.append({"id": i, "file_name": name, "width": width, "height": height})
+        for k in range(3):
+            box = [width * (1 + 2 * k) / 16, height * (1 + 2 * k) / 16, width * (5 - k) / 16, height * (5 - k) / 16]
+            anns.append({"id": 10 * i + k, "image_id": i, "category_id": (i + 2 * k) % len(names) + 1,
+                         "iscrowd": 0, "bbox": box, "area": box[2] * box[3]})
+        caps.append({"id": i, "image_id": i, "caption": f"A {names[i % len(names)]} on a table."})
+    cats = [{"id": c + 1, "name": n, "supercategory": "thing"} for c, n in enumerate(names)]
+    info = {"description": "attnkit.testing.write_coco"}
+    (root / "annotations" / "instances_val2014.json").write_text(
+        json.dumps({"info": info, "images": images, "annotations": anns, "categories": cats}))
+    (root / "annotations" / "captions_val2014.json").write_text(
+        json.dumps({"info": info, "images": images, "annotations": caps}))
+    return root / "annotations"
 
 
 def _generation_settings(family: str) -> dict[str, Any]:

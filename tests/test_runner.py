@@ -190,3 +190,17 @@ def test_output_dir_not_writable(tmp_path):
     model, _ = _tiny("llava")
     with pytest.raises(OutputError, match=r"output dir .*file/out is not writable"):
         run_task(EchoTask(tmp_path), model, None, [], blocker / "out", RunSettings(progress=False))
+
+
+def test_sampling_is_opt_in_and_seeded(tmp_path):
+    _run(tmp_path, "greedy", max_new_tokens=6)
+    _run(tmp_path, "s1", max_new_tokens=6, do_sample=True, temperature=2.0, seed=1)
+    _run(tmp_path, "s1b", max_new_tokens=6, do_sample=True, temperature=2.0, seed=1)
+    _run(tmp_path, "s2", max_new_tokens=6, do_sample=True, temperature=2.0, seed=2)
+    assert _outputs(tmp_path / "s1") == _outputs(tmp_path / "s1b")
+    assert _outputs(tmp_path / "s1") != _outputs(tmp_path / "s2")
+    assert _outputs(tmp_path / "s1") != _outputs(tmp_path / "greedy")
+    run = json.loads((tmp_path / "s1" / "run.json").read_text())
+    assert run["generation"] == {"do_sample": True, "temperature": 2.0}
+    with pytest.raises(DataError, match="need --do-sample"):
+        RunSettings(temperature=0.5)

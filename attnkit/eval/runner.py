@@ -46,6 +46,9 @@ class RunSettings:
     resume: bool = False
     skip_missing: bool = False
     progress: bool = True
+    do_sample: bool = False  # greedy unless asked; sampling draws from torch's RNG seeded with ``seed``
+    temperature: float | None = None
+    top_p: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -54,6 +57,20 @@ class RunSettings:
             raise DataError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise DataError(f"--limit must be >= 1, got {self.limit}")
+        if (self.temperature is not None or self.top_p is not None) and not self.do_sample:
+            raise DataError("--temperature/--top-p need --do-sample (decoding is greedy otherwise)")
+        if self.temperature is not None and self.temperature <= 0:
+            raise DataError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise DataError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"do_sample": self.do_sample}
+        if self.temperature is not None:
+            kw["temperature"] = self.temperature
+        if self.top_p is not None:
+            kw["top_p"] = self.top_p
+        return kw
 
 
 # -- data parallel --------------------------------------------------------------------------------
@@ -144,7 +161,7 @@ def _check_resume(out_dir: Path, run_info: dict[str, Any], resume: bool) -> None
             prev = json.loads(prev_path.read_text())
         except ValueError:
             raise DataError(f"{prev_path}: invalid JSON; cannot check what run --resume would continue") from None
-        for key in ("model", "methods", "task", "max_new_tokens"):
+        for key in ("model", "methods", "task", "max_new_tokens", "generation"):
             if prev.get(key) != run_info.get(key):
                 raise OutputError(
                     f"--resume: {out_dir} holds a run with a different {key} "
@@ -195,6 +212,7 @@ def run_task(
         "methods": _method_record(methods),
         "task": task.config(),
         "max_new_tokens": max_new,
+        "generation": settings.generate_kwargs(),
         "seed": settings.seed,
     }
     if dist.rank == 0:
@@ -260,7 +278,7 @@ def _generate_all(task, model, processor, adapter, observer, mine, writer, max_n
             batch = make_batch(processor, adapter.family, [s.question for s in chunk], images)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
+                out = model.generate(**batch, max_new_tokens=max_new, **settings.generate_kwargs())
             new = _new_tokens(out, batch["input_ids"])
             texts = processor.batch_decode(new, skip_special_tokens=True)
             extras = task.collect(observer, chunk, batch, new, adapter) if observer is not None else None
