@@ -200,7 +200,7 @@ def test_build_errors(tmp_path, coco):
         build_pope(tmp_path / "nope.json", tmp_path / "o")
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [\n oops')
-    with pytest.raises(DataError, match=r"bad.json:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad.json, line 2: malformed JSON"):
         build_pope(bad, tmp_path / "o")
     data = json.loads(path.read_text())
     data["annotations"][3]["category_id"] = 999
@@ -327,7 +327,7 @@ def test_load_hf_layout_errors(tmp_path, offline):
     with pytest.raises(DataError, match=r"noanswer \[Full/adversarial\]: missing field 'answer'"):
         PopeTask(tmp_path / "noanswer").load()
     write_hf(tmp_path / "empty", rows_per_split=0)
-    with pytest.raises(DataError, match=r"empty \[Full/adversarial\]: no questions"):
+    with pytest.raises(DataError, match=r"empty \[Full/adversarial\]: empty split"):
         PopeTask(tmp_path / "empty").load()
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("hello")
@@ -500,7 +500,7 @@ def test_malformed_json_line(tmp_path):
     path = write_file(tmp_path, [json.dumps(ROW), json.dumps({**ROW, "question_id": 2}), '{"question_id": 3,'])
     with pytest.raises(DataError) as e:
         PopeTask(tmp_path).load()
-    assert one_line(e).startswith(f"{path}:3: malformed JSON line")
+    assert one_line(e).startswith(f"{path}, line 3: malformed JSON line")
 
 
 def test_line_missing_field(tmp_path):
@@ -508,22 +508,22 @@ def test_line_missing_field(tmp_path):
     path = write_file(tmp_path, [json.dumps(ROW), json.dumps(second)])
     with pytest.raises(DataError) as e:
         PopeTask(tmp_path).load()
-    assert one_line(e) == f"{path}:2: missing field 'label'"
+    assert one_line(e) == f"{path}, line 2: missing field 'label'"
 
 
 def test_bad_label_and_duplicate_question_id(tmp_path):
     path = write_file(tmp_path, [json.dumps(ROW), json.dumps({**ROW, "question_id": 7, "label": "maybe"})])
     with pytest.raises(DataError) as e:
         PopeTask(tmp_path).load()
-    assert one_line(e) == f"{path}:2: field 'label' must be 'yes' or 'no', got 'maybe' (question_id 7)"
+    assert one_line(e) == f"{path}, line 2: field 'label' must be 'yes' or 'no', got 'maybe' (question_id 7)"
     path = write_file(tmp_path, [json.dumps(ROW), "", json.dumps(ROW)])
     with pytest.raises(DataError) as e:
         PopeTask(tmp_path).load()
-    assert one_line(e) == f"{path}:3: duplicate question_id 1"
+    assert one_line(e) == f"{path}, line 3: duplicate question_id 1"
 
 
 def test_empty_question_file(tmp_path):
     path = write_file(tmp_path, [])
     with pytest.raises(DataError) as e:
         PopeTask(tmp_path).load()
-    assert one_line(e) == f"no questions in POPE question file {path}"
+    assert one_line(e) == f"POPE question file {path} is empty (no questions)"

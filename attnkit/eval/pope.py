@@ -180,9 +180,9 @@ def _rows(path: Path) -> Iterable[tuple[str, Any]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
         for i, row in enumerate(items, 1):
-            yield f"{path}: item {i}", row
+            yield f"{path}, item {i}", row
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -190,8 +190,8 @@ def _rows(path: Path) -> Iterable[tuple[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        yield f"{path}:{lineno}", row
+            raise DataError(f"{path}, line {lineno}: malformed JSON line ({e.msg})") from None
+        yield f"{path}, line {lineno}", row
 
 
 def _label(value: Any, where: str, field: str, qid: Any) -> str:
@@ -234,7 +234,7 @@ def load_question_file(
             )
         )
     if not samples:
-        raise DataError(f"no questions in POPE question file {path}")
+        raise DataError(f"POPE question file {path} is empty (no questions)")
     return samples
 
 
@@ -264,13 +264,13 @@ def load_hf_split(name: str, source: str, split: str, suffix: str = DEFAULT_SUFF
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
         first = (str(e).strip().splitlines() or [""])[0]
         if "corresponds to no data" in first:  # how datasets reports an empty split
-            raise DataError(f"{where}: no questions") from None
+            raise DataError(f"{where}: empty split (no questions)") from None
         raise DataError(f"cannot load {where} as a Hugging Face dataset: {type(e).__name__}: {first}") from None
     for field in _HF_FIELDS:
         if field not in ds.column_names:
             raise DataError(f"{where}: missing field {field!r} (columns: {', '.join(ds.column_names)})")
     if len(ds) == 0:
-        raise DataError(f"{where}: no questions")
+        raise DataError(f"{where}: empty split (no questions)")
     text_cols = [c for c in ("question_id", "question", "answer", "image_source") if c in ds.column_names]
     rows = ds.select_columns(text_cols).to_list()  # no image is decoded here
     images = ds.select_columns(["image"])
@@ -306,7 +306,7 @@ def _read_instances(path: Path) -> tuple[dict[int, str], dict[int, set[str]]]:
     except FileNotFoundError:
         raise DataError(f"COCO instances file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read COCO instances file {path}: {e}") from None
     if not isinstance(data, dict):
