@@ -129,8 +129,8 @@ _TOKEN = re.compile(r"(?P<clitic>'(?:s|re|ve|ll|d|m|t)\b)|(?P<word>[^\W_]+(?:-[^
 
 
 def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text``: split after . ! ? followed by a space or the end, and at newlines."""
-    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
+    """The sentences of ``text``: split after . ! ? followed by whitespace (a newline alone is not an end)."""
+    parts = re.split(r"(?<=[.!?])\s+", text)
     return [p.strip() for p in parts if p.strip()]
 
 
