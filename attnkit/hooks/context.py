@@ -43,9 +43,23 @@ class ForwardContext:
     attention_mask: torch.Tensor | None = None
     #: Token pruning: list of (from_layer, keep) with keep (B, S) bool over key positions.
     keep: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    #: Image-free rows appended to the batch for a method that asked for them (PAI's CFG step):
+    #: rows [batch_size - branch_rows, batch_size) are the same prompts without their images.
+    branch_rows: int = 0
+    #: During an attention callback: the query indices (into this forward's q_len new tokens) of the
+    #: rows of the tensor the callback receives (sorted; the eager path works in row chunks).
+    query_rows: torch.Tensor | None = None
+    #: During an attention callback: (B|1, 1, r, K') bool, True where a row may attend to a key
+    #: column (causal, padding, pruning and sliding-window masks), or None when every key is visible.
+    visible: torch.Tensor | None = None
     #: Per-handle scratch space for methods (e.g. sink positions found at prefill); emptied at
     #: every prefill, kept across the decode steps that follow it.
     store: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def main_batch(self) -> int:
+        """Rows of the user's own batch (without the image-free branch rows)."""
+        return self.batch_size - self.branch_rows
 
     @property
     def kv_len(self) -> int:

@@ -6,6 +6,13 @@ function with its arguments untouched. Otherwise the eager path computes scores 
 probabilities for the query rows the methods ask for, runs their callbacks, and (when
 only some rows were asked for) lets sdpa compute the other rows.
 
+The eager path goes through the requested rows in chunks (``CHUNK_ELEMENTS``) and multiplies
+only the key columns a chunk can see (causal prefill: about half), so materialising attention
+costs little more than the fused kernel and never holds a full (q, K) map. Callbacks therefore
+see (B, H, r, K') tensors: r rows whose query indices are ``ctx.query_rows``, and the key
+columns [0, K') (K' <= kv_len; the columns beyond are masked for all r rows). GQA heads are
+multiplied against their shared K/V head without ``repeat_kv`` copies.
+
 ``mask`` is transformers' ``sdpa_mask``: it returns a boolean mask, or None when the
 pattern is plain causal, which keeps the fused path exactly as fast as unwrapped sdpa.
 The eager path turns that into the additive float mask itself.
@@ -16,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 if TYPE_CHECKING:
@@ -24,6 +31,9 @@ if TYPE_CHECKING:
 
 NAME = "attnkit"
 HANDLE_ATTR = "_attnkit_handle"
+#: The eager path handles query rows in chunks whose scores hold about this many elements
+#: (12 MB in fp32): small enough to stay in cache, large enough to amortise the per-chunk work.
+CHUNK_ELEMENTS = 3 * 2**20
 
 
 def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -78,6 +88,30 @@ def attention(
     return _eager(handle, methods, module, layer, query, key, value, attention_mask, *args, **kwargs)
 
 
+def _chunk_mask(
+    base: torch.Tensor | None, causal: bool, pos: torch.Tensor, sl: slice | None, kv_len: int
+) -> tuple[torch.Tensor | None, int]:
+    """(visible, kv_end) for the query rows ``pos``: the bool mask cropped to the keys [0, kv_end)
+    that at least one of these rows can see (None = every key visible)."""
+    if base is not None:
+        if base.shape[2] > 1:
+            base = base[:, :, sl] if sl is not None else base[:, :, pos]
+        cols = base.any(0).any(0).any(0).nonzero()
+        kv_end = int(cols[-1]) + 1 if cols.numel() else 1
+        return base[..., :kv_end], kv_end
+    if causal:
+        kv_end = int(pos[-1]) + 1  # pos is sorted
+        cols = torch.arange(kv_end, device=pos.device)
+        return (cols[None, :] <= pos[:, None])[None, None], kv_end
+    return None, kv_len
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, r, n) -> (B, KVH, H/KVH * r, n): query heads of one KV head side by side (GQA without repeat_kv)."""
+    b, h, r, n = x.shape
+    return x.reshape(b, kv_heads, (h // kv_heads) * r, n)
+
+
 def _eager(
     handle: Handle,
     methods: list,
@@ -93,8 +127,8 @@ def _eager(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     ctx = handle.ctx
     ctx.layer = layer
-    _, n_heads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
+    bsz, n_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
 
@@ -105,53 +139,102 @@ def _eager(
         if r is None:
             rows = None
             break
-        rows = r if rows is None else torch.unique(torch.cat([rows, r]))
+        rows = r if rows is None else torch.cat([rows, r])
     full_out = None
+    if rows is not None:
+        rows = torch.unique(rows).to(query.device)  # sorted
     if rows is not None and rows.numel() < q_len:
         full_out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-        query = query[:, :, rows]
+        n_rows = rows.numel()
     else:
         rows = None
+        n_rows = q_len
 
-    n_rep = n_heads // key.shape[1]
-    k = repeat_kv(key, n_rep)
-    v = repeat_kv(value, n_rep)
-    scores = torch.matmul(query, k.transpose(2, 3)).mul_(scaling)
     softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    bool_mask = _bool_mask(attention_mask, q_len, kv_len, query.device, is_causal)
-    dead_rows = None
-    if bool_mask is not None:
-        if rows is not None:
-            bool_mask = bool_mask[:, :, rows] if bool_mask.shape[2] > 1 else bool_mask
-        scores.masked_fill_(~bool_mask, torch.finfo(scores.dtype).min)
-        dead_rows = ~bool_mask.any(-1, keepdim=True)
-        if not dead_rows.any():
-            dead_rows = None
+    if attention_mask is None:
+        base_mask, causal = None, bool(is_causal) and q_len > 1
+    else:
+        base_mask, causal = _bool_mask(attention_mask, q_len, kv_len, query.device, is_causal), False
 
-    for m in methods:
-        if m.scores is not None:
-            scores = m.scores(ctx, layer, scores)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    for m in methods:
-        if m.probs is not None:
-            probs = m.probs(ctx, layer, probs)
-    if dead_rows is not None:
-        # Rows that see no key at all (left padding) attend to nothing, as in sdpa. Done after the
-        # methods (which see the uniform row eager attention gives) so a renormalising method
-        # cannot turn them into NaN.
-        probs = probs.masked_fill(dead_rows, 0.0)
-    for m in methods:
-        if m.observe is not None:
-            m.observe(ctx, layer, probs)
-    if dropout and module.training:
-        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = torch.matmul(probs, v).transpose(1, 2)  # (B, q, H, D)
+    # Rows go through in chunks sized so one chunk's scores stay small (cache friendly, bounded
+    # memory), and each chunk only multiplies the key columns some of its rows can see.
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, bsz * n_heads * kv_len))
+    chunks: list[tuple[torch.Tensor, slice | None]] = []
+    for start in range(0, n_rows, per_chunk):
+        end = min(n_rows, start + per_chunk)
+        if rows is None:
+            chunks.append((torch.arange(start, end, device=query.device), slice(start, end)))
+        else:
+            chunks.append((rows[start:end], None))
+    min_value = torch.finfo(query.dtype).min
+
+    def chunk_probs(pos: torch.Tensor, sl: slice | None):
+        visible, kv_end = _chunk_mask(base_mask, causal, pos, sl, kv_len)
+        q = query[:, :, sl] if sl is not None else query[:, :, pos]
+        r = q.shape[2]
+        scores = torch.matmul(_grouped(q, kv_heads), key[:, :, :kv_end].transpose(2, 3))
+        scores = scores.view(bsz, n_heads, r, kv_end).mul_(scaling)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        dead = None
+        if visible is not None:
+            scores.masked_fill_(~visible, min_value)
+            dead = ~visible.any(-1, keepdim=True)
+            if not dead.any():
+                dead = None
+        ctx.query_rows, ctx.visible = pos, visible
+        for m in methods:
+            if m.scores is not None:
+                scores = m.scores(ctx, layer, scores)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return probs, visible, dead, kv_end
+
+    # Methods that need statistics over every requested row first (ACT's column means) get a
+    # read-only pass before any probs callback; several chunks are then computed twice.
+    cached = None
+    if any(m.collect is not None for m in methods):
+        for pos, sl in chunks:
+            probs, visible, dead, kv_end = chunk_probs(pos, sl)
+            seen = probs if dead is None else probs.masked_fill(dead, 0.0)
+            for m in methods:
+                if m.collect is not None:
+                    m.collect(ctx, layer, seen)
+            if len(chunks) == 1:
+                cached = (probs, visible, dead, kv_end)
+
+    want_weights = bool(kwargs.get("output_attentions")) and rows is None
+    weights = query.new_zeros(bsz, n_heads, q_len, kv_len) if want_weights else None
+    out = query.new_empty(bsz, n_heads, n_rows, head_dim)
+    done = 0
+    for pos, sl in chunks:
+        probs, visible, dead, kv_end = cached if cached is not None else chunk_probs(pos, sl)
+        ctx.query_rows, ctx.visible = pos, visible
+        for m in methods:
+            if m.probs is not None:
+                probs = m.probs(ctx, layer, probs)
+        if dead is not None:
+            # Rows that see no key at all (left padding) attend to nothing, as in sdpa. Done after the
+            # methods (which see the uniform row eager attention gives) so a renormalising method
+            # cannot turn them into NaN.
+            probs = probs.masked_fill(dead, 0.0)
+        for m in methods:
+            if m.observe is not None:
+                m.observe(ctx, layer, probs)
+        if weights is not None:
+            weights[:, :, done : done + probs.shape[2], :kv_end] = probs
+        if dropout and module.training:
+            probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+        r = probs.shape[2]
+        part = torch.matmul(_grouped(probs, kv_heads), value[:, :, :kv_end])
+        out[:, :, done : done + r] = part.view(bsz, n_heads, r, head_dim)
+        done += r
+    out = out.transpose(1, 2)  # (B, q, H, D)
+    ctx.query_rows = rows if rows is not None else torch.arange(q_len, device=query.device)
+    ctx.visible = None
     for m in methods:
         if m.head_output is not None:
             out = m.head_output(ctx, layer, out)
@@ -159,4 +242,4 @@ def _eager(
         full_out = full_out.clone()
         full_out[:, rows] = out.to(full_out.dtype)
         out = full_out
-    return out.contiguous(), (probs if kwargs.get("output_attentions") and rows is None else None)
+    return out.contiguous(), weights

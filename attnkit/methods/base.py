@@ -44,15 +44,31 @@ def check_range(method: str, name: str, value: Any, lo: float | None = None, hi:
         raise MethodArgumentError(f"{method}: {name}={value!r} is out of range {rng}")
 
 
+def check_int(method: str, name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
+    """One-line MethodArgumentError unless ``value`` is an int in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MethodArgumentError(f"{method}: {name}={value!r} must be an integer")
+    check_range(method, name, value, lo, hi)
+
+
 class Method:
     """A training-free intervention. Subclasses set ``name``, ``Config`` and the callbacks they need.
 
     Callbacks (all optional, all receive the handle's ForwardContext):
 
-    - ``scores(ctx, layer, scores) -> scores``: pre-softmax logits (B, H, q, K), mask already added.
-    - ``probs(ctx, layer, probs) -> probs``: post-softmax probabilities (B, H, q, K).
+    - ``scores(ctx, layer, scores) -> scores``: pre-softmax logits (B, H, r, K'), mask already added.
+    - ``collect(ctx, layer, probs) -> None``: read-only first pass over the probabilities of every
+      requested row (after ``scores`` callbacks, before any ``probs`` callback of the layer), for
+      rewrites that need statistics over all rows (ACT's column means). Costs a second QK^T when
+      the rows do not fit in one chunk; ``scores`` callbacks then run twice and must be pure.
+    - ``probs(ctx, layer, probs) -> probs``: post-softmax probabilities (B, H, r, K').
     - ``head_output(ctx, layer, out) -> out``: per-head attention output (B, q, H, D) before o_proj.
     - ``observe(ctx, layer, probs) -> None``: read-only look at the final probabilities.
+
+    The attention-level tensors cover a chunk of r query rows (``ctx.query_rows`` holds their
+    indices among this forward's new tokens) and the key columns [0, K'), K' <= ``ctx.kv_len``:
+    slice per-column masks with ``[..., :probs.shape[-1]]``. ``ctx.visible`` says which of those
+    keys each row may attend to.
     - ``select(ctx, layer, hidden) -> keep | None``: called before decoder layer ``layer`` with its
       input hidden states (B, q, d); a returned (B, S_kv) bool tensor masks the dropped key
       positions in this and every later layer (pruning).
@@ -60,12 +76,19 @@ class Method:
 
     ``layers(ctx)`` says which layers need the eager path (None = all); ``rows(ctx, layer)`` which
     query rows need probabilities (None = all rows; fused sdpa computes the others).
+
+    ``text_branch = True`` asks the manager to append, to every forward, the same prompts without
+    their images as extra batch rows with their own KV cache (``ctx.branch_rows``); the ``logits``
+    callbacks see both halves and the manager returns only the user's rows.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Set (on the class or the instance) to run the image-free branch rows alongside the batch.
+    text_branch: bool = False
 
     scores = None
+    collect = None
     probs = None
     head_output = None
     observe = None
@@ -96,7 +119,7 @@ class Method:
     # -- routing ---------------------------------------------------------------------------
     @classmethod
     def attention_callbacks(cls) -> bool:
-        return any(getattr(cls, cb) is not None for cb in ("scores", "probs", "head_output", "observe"))
+        return any(getattr(cls, cb) is not None for cb in ("scores", "collect", "probs", "head_output", "observe"))
 
     def layers(self, ctx: ForwardContext) -> set[int] | None:
         """Layers that need the eager path in this forward (None = all layers)."""
