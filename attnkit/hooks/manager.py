@@ -9,8 +9,9 @@ What wrapping does, and what remove() undoes:
 3. marks each language-model attention module with its Handle (so state is per handle,
    never global);
 4. adds torch hooks only when a method needs them: a forward pre-hook on the model that
-   refreshes the ForwardContext, decoder-layer pre-hooks for ``select``, and a forward hook
-   for ``logits``.
+   refreshes the ForwardContext (and appends the image-free branch rows when a method asks for
+   them, see branch.py), decoder-layer pre-hooks for ``select``, and a forward hook for
+   ``logits`` (which also drops the branch rows).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import AlreadyWrappedError, UnsupportedModelError
 from . import dispatch
+from .branch import TextBranch
 from .context import ForwardContext
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ class Handle:
         self._marked: list[torch.nn.Module] = []
         self._saved_impl: list[tuple[Any, Any]] = []
         self._routes: list[list[Method]] = [[] for _ in range(adapter.num_layers)]
+        self._branch = TextBranch(adapter) if any(m.text_branch for m in self.methods) else None
         self.removed = False
         self._install()
 
@@ -105,8 +108,10 @@ class Handle:
                     self._torch_hooks.append(
                         layer.register_forward_pre_hook(self._make_select_hook(i), with_kwargs=True)
                     )
-            if any(m.logits is not None for m in self.methods):
-                self._torch_hooks.append(self.model.register_forward_hook(self._on_output))
+            if any(m.logits is not None for m in self.methods) or self._branch is not None:
+                # on the module whose forward starts each step, so that it also runs when generate()
+                # bypasses the top-level forward (InstructBLIP)
+                self._torch_hooks.append(self.adapter.context_module().register_forward_hook(self._on_output))
         except BaseException:
             self.remove()
             raise
@@ -154,7 +159,7 @@ class Handle:
                     routes[i].append(m)
         self._routes = routes
 
-    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         ctx = self.ctx
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -168,6 +173,18 @@ class Handle:
             past_len = past.get_seq_length()
         else:
             past_len = 0
+        changed = None
+        main_batch = ref.shape[0] if ref is not None else 0
+        if self._branch is not None:
+            if args and "input_ids" not in kwargs:
+                kwargs = dict(kwargs, input_ids=args[0])
+                args = args[1:]
+            kwargs = self._branch.expand(kwargs, past_len)
+            changed = (args, kwargs)
+            input_ids = kwargs.get("input_ids")
+            embeds = kwargs.get("inputs_embeds")
+            attn = kwargs["attention_mask"]
+            ref = input_ids if input_ids is not None else embeds
         ctx.batch_size = ref.shape[0] if ref is not None else 0
         ctx.q_len = q_len
         ctx.past_len = past_len
@@ -183,13 +200,17 @@ class Handle:
                 image_mask = self.adapter.image_mask_from_layout(ctx.attention_mask, ctx.batch_size, q_len)
             if image_mask is not None and ctx.attention_mask is not None:
                 image_mask = image_mask & ctx.attention_mask[:, -q_len:]
+            if image_mask is not None and self._branch is not None:
+                image_mask[main_batch:] = False  # the branch rows have no image
             ctx.image_mask = image_mask
         else:
             ctx.is_prefill = False
             ctx.step += 1
+        ctx.branch_rows = main_batch if self._branch is not None else 0
         for m in self.methods:
             m.begin_forward(ctx)
         self._route(ctx)
+        return changed
 
     def _make_select_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -211,5 +232,7 @@ class Handle:
         for m in self.methods:
             if m.logits is not None:
                 logits = m.logits(self.ctx, logits)
+        if self.ctx.branch_rows and logits.shape[0] == self.ctx.batch_size:
+            logits = logits[: self.ctx.main_batch]
         output.logits = logits
         return output
