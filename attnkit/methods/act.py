@@ -1,0 +1,150 @@
+"""ACT: attention calibration of the hidden sinks that are not the first token.
+
+Yu, Zhang, Yao, Chen, Lin, et al. "Unveiling and Harnessing Hidden Attention Sinks: Enhancing
+Large Language Models without Training through Attention Calibration." ICML 2024.
+Official code: github.com/GATECH-EIC/ACT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..errors import MethodArgumentError
+from ..hooks.context import ForwardContext
+from .base import Method, MethodConfig, check_int, check_range
+from .registry import register
+
+
+@dataclasses.dataclass
+class ACTConfig(MethodConfig):
+    """beta: factor on sink attention (1 = off); threshold: smallest mean attention of a sink column;
+    heads: {layer: [head, ...]} to calibrate (None = every head of the layers >= start_layer)."""
+
+    beta: float = 0.4
+    threshold: float = 0.1
+    start_layer: int = 2
+    heads: dict[int, list[int]] | None = None
+
+    def validate(self) -> None:
+        check_range("act", "beta", self.beta, 0.0, 1.0)
+        check_range("act", "threshold", self.threshold, 0.0, 1.0)
+        check_int("act", "start_layer", self.start_layer, 0, None)
+        if self.heads is not None:
+            if not isinstance(self.heads, dict):
+                raise MethodArgumentError(f"act: heads must be a dict {{layer: [head, ...]}}, got {type(self.heads).__name__}")
+            clean: dict[int, list[int]] = {}
+            for layer, heads in self.heads.items():
+                check_int("act", "heads layer", layer, 0, None)
+                if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+                    raise MethodArgumentError(f"act: heads[{layer}]={heads!r} must be a list of head indices")
+                heads = sorted(set(heads))
+                for h in heads:
+                    check_int("act", f"heads[{layer}]", h, 0, None)
+                if heads:
+                    clean[int(layer)] = heads
+            self.heads = clean
+
+
+@register
+class ACT(Method):
+    """Attention Calibration Technique (Yu et al., ICML 2024).
+
+    In each selected head, a key column j other than the row's first token is a sink if its mean
+    attention over the rows that can see it exceeds ``threshold``; its attention is multiplied by
+    ``beta`` and the freed mass goes to the other columns of each row in proportion to their
+    attention (rows still sum to 1). The means are running sums over every row of the sequence so far
+    (the prompt at prefill, then each generated token), so KV-cached decoding equals recomputing the
+    whole sequence, which is what the official code evaluates. The column means need all rows of the
+    layer before any row is rewritten: the eager path makes a read-only pass first (``collect``).
+
+    Defaults: beta=0.4, threshold=0.1 (the paper's), start_layer=2 and every head of every later layer.
+    The official code calibrates a per-task head list of LLaMA-2-7B layers 2..30 found by a search on
+    a calibration set; pass such a list as ``heads={layer: [head, ...]}`` (then start_layer is unused).
+    Layer indices are absolute, not scaled with depth.
+    """
+
+    name = "act"
+    Config = ACTConfig
+
+    def __init__(self, config: ACTConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._heads: dict[int, torch.Tensor] = {}
+
+    def attach(self, handle) -> None:
+        n, n_heads = handle.adapter.num_layers, handle.adapter.num_heads
+        cfg = self.config
+        if cfg.heads is None:
+            if cfg.start_layer >= n:
+                raise MethodArgumentError(
+                    f"act: start_layer={cfg.start_layer} is out of range [0, {n - 1}] for this {n}-layer model"
+                )
+            self._heads = {layer: torch.ones(n_heads, dtype=torch.bool) for layer in range(cfg.start_layer, n)}
+            return
+        self._heads = {}
+        for layer, heads in cfg.heads.items():
+            if layer >= n:
+                raise MethodArgumentError(f"act: heads layer {layer} is out of range [0, {n - 1}]")
+            if heads[-1] >= n_heads:
+                raise MethodArgumentError(f"act: heads[{layer}] entry {heads[-1]} is out of range [0, {n_heads - 1}]")
+            mask = torch.zeros(n_heads, dtype=torch.bool)
+            mask[heads] = True
+            self._heads[layer] = mask
+
+    def layers(self, ctx: ForwardContext) -> set[int]:
+        return set(self._heads)
+
+    def _stats(self, ctx: ForwardContext, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Running column sums (B, H, kv) and visible-row counts (B, 1, kv) of this layer, grown to kv_len."""
+        store = ctx.store.setdefault(f"act:{id(self)}", {})
+        st = store.get(layer)
+        kv = ctx.kv_len
+        if st is None:
+            st = {
+                "sum": torch.zeros(ctx.batch_size, heads, kv, device=device),
+                "count": torch.zeros(ctx.batch_size, 1, kv, device=device),
+            }
+            store[layer] = st
+        elif st["sum"].shape[-1] < kv:
+            grow = kv - st["sum"].shape[-1]
+            st["sum"] = torch.nn.functional.pad(st["sum"], (0, grow))
+            st["count"] = torch.nn.functional.pad(st["count"], (0, grow))
+        return st
+
+    def collect(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> None:
+        bsz, heads, rows, width = probs.shape
+        st = self._stats(ctx, layer, heads, probs.device)
+        st["sum"][..., :width] += probs.float().sum(2)
+        if ctx.visible is None:
+            st["count"][..., :width] += rows
+        else:
+            st["count"][..., :width] += ctx.visible.sum(2, dtype=torch.float32).expand(bsz, 1, width)
+
+    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        store = ctx.store.get(f"act:{id(self)}", {})
+        st = store.get(layer)
+        if st is None:
+            return probs
+        width = probs.shape[-1]
+        count = st["count"][..., :width]
+        mean = st["sum"][..., :width] / count.clamp_min(1.0)
+        sink = (mean > self.config.threshold) & (count > 0)
+        sink &= self._heads[layer].to(sink.device)[None, :, None]
+        # the row's first real token (the usual sink everybody has) is never calibrated
+        if ctx.attention_mask is not None:
+            first = ctx.attention_mask[:, :width].float().argmax(1).to(sink.device)
+        else:
+            first = torch.zeros(sink.shape[0], dtype=torch.long, device=sink.device)
+        sink[torch.arange(sink.shape[0], device=sink.device), :, first] = False
+        if not bool(sink.any()):
+            return probs
+        p = probs.float()
+        s = sink[:, :, None, :]
+        sink_mass = (p * s).sum(-1, keepdim=True)
+        rest = p.sum(-1, keepdim=True) - sink_mass
+        beta = self.config.beta
+        scale = torch.where(rest > 0, 1.0 + (1.0 - beta) * sink_mass / rest.clamp_min(1e-12), 1.0)
+        factor = torch.where(s, torch.where(rest > 0, beta, 1.0), scale)
+        return (p * factor).to(probs.dtype)

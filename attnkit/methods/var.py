@@ -1,0 +1,260 @@
+"""VAR: visual attention redistribution away from sink tokens, towards the image tokens that carry content.
+
+Kang, Kim, Kim, Hwang. "See What You Are Told: Visual Attention Sink in Large Multimodal Models."
+ICLR 2025. Official code: github.com/seilk/VisAttnSink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..errors import MethodArgumentError
+from ..hooks.context import ForwardContext
+from .base import Method, MethodConfig, check_int, check_range
+from .registry import register
+
+#: Sink dimensions of the base LLMs the paper measured, keyed by the language model's
+#: (model_type, hidden_size, num_hidden_layers, intermediate_size).
+SINK_DIMS: dict[tuple[str, int, int, int], tuple[str, tuple[int, ...]]] = {
+    ("llama", 4096, 32, 11008): ("LLaMA-2-7B / Vicuna-7B", (2533, 1415)),
+    ("llama", 5120, 40, 13824): ("LLaMA-2-13B / Vicuna-13B", (2100, 4743)),
+    ("qwen2", 3584, 28, 18944): ("Qwen2-7B", (458, 2570)),
+    ("qwen2_vl_text", 3584, 28, 18944): ("Qwen2-7B (Qwen2-VL-7B)", (458, 2570)),
+    ("internlm2", 4096, 32, 14336): ("InternLM2-7B (InternVL2-8B)", (3584,)),
+}
+
+_EPS = 1e-6  # of the parameter-free RMS normalisation (the official code's)
+
+
+@dataclasses.dataclass
+class VARConfig(MethodConfig):
+    """p: factor on sink attention (1 = off); tau: sink threshold on |normed hidden|; rho: largest
+    visual-sink share of a row's image attention; summ: smallest image attention of a row; layers
+    [start_layer, L - skip_last); sink_dims: the massive-activation dimensions (None = table / input)."""
+
+    p: float = 0.6
+    tau: float = 20.0
+    rho: float = 0.5
+    summ: float = 0.2
+    start_layer: int = 2
+    skip_last: int = 1
+    sink_dims: list[int] | None = None
+
+    def validate(self) -> None:
+        check_range("var", "p", self.p, 0.0, 1.0)
+        check_range("var", "tau", self.tau, 0.0, None)
+        check_range("var", "rho", self.rho, 0.0, 1.0)
+        check_range("var", "summ", self.summ, 0.0, 1.0)
+        check_int("var", "start_layer", self.start_layer, 0, None)
+        check_int("var", "skip_last", self.skip_last, 0, None)
+        if self.sink_dims is not None:
+            if isinstance(self.sink_dims, (str, bytes)) or not hasattr(self.sink_dims, "__iter__"):
+                raise MethodArgumentError(f"var: sink_dims={self.sink_dims!r} must be a list of dimension indices")
+            self.sink_dims = list(self.sink_dims)
+            if not self.sink_dims:
+                raise MethodArgumentError("var: sink_dims=[] must name at least one dimension (or be None)")
+            for d in self.sink_dims:
+                check_int("var", "sink_dims", d, 0, None)
+
+
+def rms_normed(hidden: torch.Tensor, dims: torch.Tensor | None = None) -> torch.Tensor:
+    """|RMSNorm(hidden)| without the learned scale, in fp32, for all dimensions or only ``dims``."""
+    rms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32, keepdim=True) / math.sqrt(hidden.shape[-1])
+    part = hidden if dims is None else hidden.index_select(-1, dims)
+    return part.float().abs() * torch.rsqrt(rms.square() + _EPS)
+
+
+@register
+class VAR(Method):
+    """Visual Attention Redistribution (Kang et al., ICLR 2025).
+
+    1. Sinks (prefill): at the input of each layer in [start_layer, L - skip_last), after RMS
+       normalisation without the learned scale (the official code's rule), a token is a sink if
+       ``max_{d in sink_dims} |h_d| > tau``. Image tokens that are sinks are visual sinks; the others
+       (e.g. BOS) text sinks. Positions are kept for the decode steps (generated tokens never are).
+    2. Image-centric (head, query) pairs, per layer: the row's image attention is >= summ and the
+       visual-sink share of it is <= rho; a row whose layer has no visual sink is left alone (the
+       official code does the same). Query rows: at prefill, the text tokens after the image (the
+       official code excludes the image tokens and what precedes the image); at decode, the new token.
+    3. In those pairs only, post-softmax: attention to every sink (visual and text) is multiplied by
+       p and the freed mass goes to the non-sink image tokens in proportion to their attention, so
+       rows still sum to 1. Other rows use fused sdpa; at decode only layers with a visual sink run
+       the eager path.
+
+    sink_dims: the explicit list if given; else the table ``SINK_DIMS`` (the paper's values: LLaMA-2-7B
+    / Vicuna-7B {2533, 1415}, LLaMA-2-13B {2100, 4743}, Qwen2-7B {458, 2570}, InternLM2 of InternVL2-8B
+    {3584}) matched on the language model's type and size; else found from the input itself: per row
+    and layer, the dimensions where the first real token's normed hidden state exceeds tau (massive
+    activations appear first on the first token), a model without them having no sinks.
+    ``sink_dims_source`` says which ("explicit", "table: <model>", "input"); ``sink_report()`` lists
+    the sinks of the last prefill.
+
+    Defaults (official configuration for LLaVA-1.5-7B): p=0.6, tau=20, rho=0.5, summ=0.2, layers 2..30
+    of 32 (start_layer=2, skip_last=1). Layer indices are not scaled with depth: the first two layers
+    and the last one are skipped in every model. Note that tau applies to a parameter-free RMS
+    norm, whose entries are at most sqrt(hidden_size): small models need a smaller tau.
+    """
+
+    name = "var"
+    Config = VARConfig
+
+    def __init__(self, config: VARConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.sink_dims_source = "unattached"
+        self._dims: torch.Tensor | None = None
+        self._range = range(0)
+        self._handle = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def attach(self, handle) -> None:
+        cfg = self.config
+        n = handle.adapter.num_layers
+        self._range = range(cfg.start_layer, n - cfg.skip_last)
+        if not len(self._range):
+            raise MethodArgumentError(
+                f"var: start_layer={cfg.start_layer}, skip_last={cfg.skip_last} leave no layer of this {n}-layer model"
+            )
+        text = handle.adapter.text_config
+        hidden = int(text.hidden_size)
+        if cfg.sink_dims is not None:
+            bad = [d for d in cfg.sink_dims if d >= hidden]
+            if bad:
+                raise MethodArgumentError(f"var: sink_dims entry {bad[0]} is out of range [0, {hidden - 1}]")
+            self._dims, self.sink_dims_source = torch.tensor(cfg.sink_dims), "explicit"
+        else:
+            key = (
+                str(getattr(text, "model_type", "")),
+                hidden,
+                int(getattr(text, "num_hidden_layers", -1)),
+                int(getattr(text, "intermediate_size", -1) or -1),
+            )
+            if key in SINK_DIMS:
+                label, dims = SINK_DIMS[key]
+                self._dims, self.sink_dims_source = torch.tensor(dims), f"table: {label}"
+            else:
+                self._dims, self.sink_dims_source = None, "input"
+        self._handle = handle
+
+    def detach(self) -> None:
+        self._handle = None
+
+    def _state(self, ctx: ForwardContext) -> dict[str, Any]:
+        return ctx.store.setdefault(f"var:{id(self)}", {"sinks": {}, "dims": {}})
+
+    def begin_forward(self, ctx: ForwardContext) -> None:
+        state = self._state(ctx)
+        image = ctx.image_mask
+        if image is None or not bool(image.any()):
+            state["rows"] = None
+            return
+        has_image = image.any(1)
+        q_real = ctx.attention_mask[:, -ctx.q_len :] if ctx.attention_mask is not None else None
+        if ctx.is_prefill:
+            first = torch.where(has_image, image.float().argmax(1), image.shape[1])
+            pos = torch.arange(ctx.q_len, device=image.device)
+            eligible = (pos[None, :] > first[:, None]) & ~image
+        else:
+            eligible = has_image[:, None].expand(-1, ctx.q_len)
+        if q_real is not None:
+            eligible = eligible & q_real.to(eligible.device)
+        state["eligible"] = eligible
+        state["rows"] = eligible.any(0).nonzero().flatten()
+
+    # -- routing ---------------------------------------------------------------------------
+    def layers(self, ctx: ForwardContext) -> set[int]:
+        state = self._state(ctx)
+        rows = state.get("rows")
+        if rows is None or rows.numel() == 0:
+            return set()
+        if ctx.is_prefill:
+            return set(self._range)
+        image = ctx.image_mask
+        return {layer for layer, sink in state["sinks"].items() if bool((sink & image).any())}
+
+    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
+        return self._state(ctx)["rows"]
+
+    # -- 1. sinks ---------------------------------------------------------------------------
+    def select(self, ctx: ForwardContext, layer: int, hidden: torch.Tensor) -> None:
+        if not ctx.is_prefill or layer not in self._range:
+            return None
+        tau = self.config.tau
+        if self._dims is not None:
+            sink = (rms_normed(hidden, self._dims.to(hidden.device)) > tau).any(-1)
+        else:
+            real = ctx.attention_mask[:, -hidden.shape[1] :] if ctx.attention_mask is not None else None
+            first = real.float().argmax(1) if real is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+            first_h = hidden[torch.arange(hidden.shape[0]), first.to(hidden.device)]
+            massive = rms_normed(first_h[:, None, :])[:, 0] > tau  # (B, d)
+            self._state(ctx)["dims"][layer] = massive
+            dims = massive.any(0).nonzero().flatten()
+            if dims.numel():
+                sink = ((rms_normed(hidden, dims) > tau) & massive[:, None, dims]).any(-1)
+            else:
+                sink = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if ctx.attention_mask is not None:
+            sink = sink & ctx.attention_mask[:, -hidden.shape[1] :].to(sink.device)
+        self._state(ctx)["sinks"][layer] = sink
+        return None
+
+    # -- 2. + 3. image-centric pairs, redistribution -------------------------------------------
+    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        state = self._state(ctx)
+        sink = state["sinks"].get(layer)
+        image = ctx.image_mask_kv()
+        if sink is None or image is None or ctx.query_rows is None:
+            return probs
+        width = probs.shape[-1]
+        sink = _fit(sink, width).to(probs.device)
+        image = _fit(image, width).to(probs.device)
+        has_visual = (sink & image).any(-1)  # (B,)
+        if not bool(has_visual.any()):
+            return probs
+        eligible = state["eligible"][:, ctx.query_rows.to(state["eligible"].device)].to(probs.device)  # (B, r)
+        p = probs.float()
+        masks = torch.stack([image, sink & image, sink, image & ~sink], dim=1).float()  # (B, 4, K)
+        image_attn, visual_sink, sink_attn, rest = torch.einsum("bhrk,bmk->mbhr", p, masks)
+        share = visual_sink / image_attn.clamp_min(1e-12)
+        cfg = self.config
+        chosen = (
+            (image_attn >= cfg.summ)
+            & (share <= cfg.rho)
+            & (rest > 0)
+            & has_visual[:, None, None]
+            & eligible[:, None, :]
+        )
+        if not bool(chosen.any()):
+            return probs
+        keep = torch.where(sink, cfg.p, 1.0)[:, None, None, :]  # (B, 1, 1, K)
+        gain = ((1.0 - cfg.p) * sink_attn / rest.clamp_min(1e-12))[..., None]  # (B, H, r, 1)
+        new = p * keep + gain * p * (image & ~sink)[:, None, None, :]
+        return torch.where(chosen[..., None], new, p).to(probs.dtype)
+
+    # -- report ------------------------------------------------------------------------------
+    def sink_report(self) -> dict[str, Any]:
+        """Where the sink dims came from and, for the last prefill, each layer's sink positions per row."""
+        out: dict[str, Any] = {
+            "source": self.sink_dims_source,
+            "sink_dims": None if self._dims is None else self._dims.tolist(),
+            "sinks": {},
+        }
+        if self._handle is None:
+            return out
+        state = self._handle.ctx.store.get(f"var:{id(self)}", {"sinks": {}, "dims": {}})
+        out["sinks"] = {layer: [row.nonzero().flatten().tolist() for row in s] for layer, s in state["sinks"].items()}
+        if state["dims"]:
+            out["input_dims"] = {
+                layer: [row.nonzero().flatten().tolist() for row in d] for layer, d in state["dims"].items()
+            }
+        return out
+
+
+def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, S) bool cropped or False-padded to ``width`` columns."""
+    if mask.shape[1] >= width:
+        return mask[:, :width]
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], width - mask.shape[1])], dim=1)
