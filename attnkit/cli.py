@@ -144,6 +144,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_pope(args: argparse.Namespace) -> int:
+    """Build POPE question files from a COCO-format instances file."""
+    from .eval.pope import build_pope
+
+    try:
+        files = build_pope(args.instances, args.output, source=args.source, num_images=args.num_images,
+                           questions_per_image=args.questions_per_image, seed=args.seed,
+                           splits=args.split.split(","))
+    except ValueError as e:  # argument ranges
+        if isinstance(e, AttnkitError):
+            raise
+        raise AttnkitError(str(e)) from None
+    for split, path in files.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def cmd_chair(args: argparse.Namespace) -> int:
     """Score captions produced elsewhere with CHAIR."""
     from .eval.chair import format_summary, score_file
@@ -236,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--caption-key", default="caption")
     c.add_argument("--output", default=None, help="per-caption results (default CAPTIONS.chair.jsonl)")
     c.set_defaults(func=cmd_chair)
+
+    b = sub.add_parser("build-pope", help="build POPE question files from a COCO-format instances file")
+    b.add_argument("instances", help="COCO-format instances JSON (e.g. annotations/instances_val2014.json)")
+    b.add_argument("--output", required=True, help="directory for {source}_pope_{split}.json")
+    b.add_argument("--source", default="coco", help="name used in the file names (coco, aokvqa, gqa)")
+    b.add_argument("--split", default="all", help="random, popular, adversarial, comma list or all")
+    b.add_argument("--num-images", type=int, default=500)
+    b.add_argument("--questions-per-image", type=int, default=6)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_build_pope)
 
     d = sub.add_parser("demo", help="generate on a tiny offline model with and without a method")
     d.add_argument("--family", default="llava")

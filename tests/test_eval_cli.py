@@ -211,3 +211,21 @@ CATEGORIES_CAPTION = ["A dog and a cat next to a car.", "A bus."]
 
 def read_jsonl_any(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_build_pope_cli(tmp_path, capsys):
+    ann = _write_coco(tmp_path / "coco")
+    out = tmp_path / "pope"
+    assert cli.main(["build-pope", str(ann / "instances_val2014.json"), "--output", str(out), "--num-images", "3",
+                     "--seed", "4"]) == 0
+    printed = capsys.readouterr().out
+    for split in ("random", "popular", "adversarial"):
+        assert f"{split}: " in printed
+        lines = (out / f"coco_pope_{split}.json").read_text().splitlines()
+        assert len(lines) == 18 and {json.loads(x)["label"] for x in lines} == {"yes", "no"}
+    assert json.loads((out / "coco_pope_build.json").read_text())["seed"] == 4
+    assert cli.main(["build-pope", str(ann / "instances_val2014.json"), "--output", str(out),
+                     "--questions-per-image", "5"]) == 2
+    assert "questions_per_image must be an even number" in capsys.readouterr().err
+    assert cli.main(["build-pope", str(tmp_path / "nope.json"), "--output", str(out)]) == 2
+    assert "nope.json" in capsys.readouterr().err
