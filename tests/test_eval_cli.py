@@ -73,8 +73,11 @@ def test_chair_and_grounding_cli_runs(tmp_path):
     assert metrics["n"] == 6 and 0 <= metrics["pointing_accuracy"] <= 100
 
 
-def test_sigkill_then_resume_gives_the_same_results(tmp_path, pope_dir):
-    args = _eval("--task", "pope", "--split", "all", "--data-dir", str(pope_dir), "--batch-size", "2")
+@pytest.mark.parametrize("kill_after", [0, 20])
+def test_sigkill_then_resume_gives_the_same_results(tmp_path, pope_dir, kill_after):
+    """SIGKILL right after the run starts (no sample yet) or mid-run; --resume ends with the same results."""
+    args = _eval("--task", "pope", "--split", "all", "--data-dir", str(pope_dir), "--batch-size", "1")
+    args[args.index("--max-new-tokens") + 1] = "24"  # slow enough to be killed mid-run
     assert cli.main([*args, "--output", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -83,18 +86,22 @@ def test_sigkill_then_resume_gives_the_same_results(tmp_path, pope_dir):
     log = killed / "samples.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if log.exists() and log.read_bytes().count(b"\n") >= 10:
+        if kill_after == 0 and (killed / "run.json").exists():
             break
-        time.sleep(0.05)
+        if kill_after and log.exists() and log.read_bytes().count(b"\n") >= kill_after:
+            break
+        time.sleep(0.005)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = len(read_jsonl(log))
-    assert 10 <= before < 72
+    assert before < 72 and (kill_after == 0 or before >= kill_after)
     assert cli.main([*args, "--output", str(killed), "--resume"]) == 0
     ids = [r["id"] for r in read_jsonl(log)]
     assert len(ids) == 72 and len(set(ids)) == 72
     assert _metrics(killed) == _metrics(tmp_path / "whole")
+    whole = {r["id"]: r["output"] for r in read_jsonl(tmp_path / "whole" / "samples.jsonl")}
+    assert {r["id"]: r["output"] for r in read_jsonl(log)} == whole
     results = json.loads((killed / "results.json").read_text())
     assert results["counts"]["from_previous_runs"] == before
 
