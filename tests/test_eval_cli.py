@@ -162,6 +162,8 @@ def test_bad_input_errors(tmp_path, pope_dir, capsys):
     check(["--task", "pope", "--method", "nope", *base], "unknown method 'nope'", "identity")
     check(["--task", "pope", "--method", "identity", "--method-arg", "p=2", *base], "unknown argument 'p'")
     check(["--task", "pope", "--method-arg", "p=2", *base], "no --method given")
+    check(["--task", "pope", "--method", "var", "--method-arg", "p=2", *base], "var: p=2 is out of range")
+    check(["--task", "pope", "--method", "var,pai", "--method-arg", "pai.alpha=-1", *base], "pai: alpha=-1")
     check(["--task", "pope", "--batch-size", "0", *base], "--batch-size must be >= 1")
     # malformed JSON line: file and line number
     bad = tmp_path / "bad"
@@ -236,3 +238,11 @@ def test_build_pope_cli(tmp_path, capsys):
     assert "questions_per_image must be an even number" in capsys.readouterr().err
     assert cli.main(["build-pope", str(tmp_path / "nope.json"), "--output", str(out)]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_method_args_go_to_the_methods_that_have_them():
+    var, pai = cli._make_methods("var,pai", ["pai.alpha=0.5", "start_layer=3"])
+    assert (var.name, pai.name) == ("var", "pai")
+    assert pai.config.alpha == 0.5 and var.config.p == 0.6  # qualified: pai only
+    assert var.config.start_layer == 3 and pai.config.start_layer == 3  # bare: every method with the field
+    assert cli._make_methods("none", []) == [] and cli._make_methods(None, []) == []
