@@ -29,6 +29,12 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def coco_image_dir(annotations_dir: Path, split: str) -> Path:
+    """Where COCO images usually sit next to ``annotations/``: ``../{split}``, else ``../images``, else the dir itself."""
+    parent = annotations_dir.parent
+    return next((d for d in (parent / split, parent / "images") if d.is_dir()), annotations_dir)
+
+
 class Task:
     """Base class of evaluation tasks. Subclasses set ``name`` and implement the methods below."""
 

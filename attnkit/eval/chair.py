@@ -76,7 +76,7 @@ from typing import Any
 
 from attnkit.errors import DataError, OutputError
 from attnkit.eval import chair_words as W
-from attnkit.eval.base import Sample, Task
+from attnkit.eval.base import Sample, Task, coco_image_dir
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 _CACHE_FORMAT = "attnkit.chair.ground_truth/1"
@@ -501,8 +501,7 @@ class ChairTask(Task):
             raise DataError(f"CHAIR num_images must be a positive integer, got {num_images!r}")
         self.annotations_dir = Path(annotations_dir).expanduser()
         if image_dir is None:
-            parent = self.annotations_dir.parent
-            image_dir = next((d for d in (parent / split, parent / "images") if d.is_dir()), self.annotations_dir)
+            image_dir = coco_image_dir(self.annotations_dir, split)
         self.image_dir = Path(image_dir).expanduser()
         self.split = split
         self.num_images = num_images

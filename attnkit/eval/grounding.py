@@ -25,7 +25,7 @@ import torch
 
 from ..errors import DataError, UnsupportedModelError
 from ..methods.base import Method, MethodConfig
-from .base import Sample, Task
+from .base import Sample, Task, coco_image_dir
 
 DEFAULT_QUESTION = "Is there a {object} in the image?"
 DEFAULT_SUFFIX = " Please answer yes or no."
@@ -177,8 +177,7 @@ class GroundingTask(Task):
             self.image_dir = Path(image_dir)
         else:
             base = self.annotations.parent if self.annotations.is_file() else self.annotations
-            candidates = [base.parent / split, base.parent / "images", base]
-            self.image_dir = next((p for p in candidates if p.is_dir()), base)
+            self.image_dir = coco_image_dir(base, split)
         self._processor: Any = None
 
     def config(self) -> dict[str, Any]:
