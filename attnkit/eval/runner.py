@@ -192,9 +192,9 @@ def run_task(
     settings = settings or RunSettings()
     dist = _dist()
     out_dir = Path(output_dir)
-    if dist.rank == 0:
-        ensure_writable(out_dir)
-    dist.barrier()
+    # Every rank runs the same read-only checks, so a bad input stops all of them (none waits
+    # at a barrier for a rank that has already failed); only rank 0 writes before generation.
+    ensure_writable(out_dir)
 
     samples = task.load()
     if settings.limit is not None:
@@ -215,18 +215,16 @@ def run_task(
         "generation": settings.generate_kwargs(),
         "seed": settings.seed,
     }
-    if dist.rank == 0:
-        _check_resume(out_dir, run_info, settings.resume)
-        if not (out_dir / RUN).exists():
-            write_json(out_dir / RUN, run_info)
-    dist.barrier()
-
+    _check_resume(out_dir, run_info, settings.resume)
     missing = [s.id for s in samples if _is_path(s.image) and not Path(s.image).is_file()]
     if missing and not settings.skip_missing:
         first = next(s for s in samples if s.id == missing[0])
         more = f" (and {len(missing) - 1} more; --skip-missing skips them)" if len(missing) > 1 else ""
         raise DataError(f"question {first.id}: image file not found: {first.image}{more}")
     missing_set = set(missing)
+    dist.barrier()
+    if dist.rank == 0 and not (out_dir / RUN).exists():
+        write_json(out_dir / RUN, run_info)
 
     done = {r["id"] for r in _existing(out_dir, dist.rank, dist.world)}
     dist.barrier()  # every rank has read the same done-set before anyone appends
