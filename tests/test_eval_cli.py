@@ -129,6 +129,22 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, pope_dir):
     assert not (tmp_path / "two" / "shards").exists()
 
 
+def test_two_process_bad_input_stops_every_rank(tmp_path, pope_dir):
+    """A missing image under accelerate: every rank stops with the one-line error, none hangs at a barrier."""
+    first = json.loads((pope_dir / "coco_pope_adversarial.json").read_text().splitlines()[0])
+    (pope_dir / "images" / first["image"]).unlink()
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attnkit.cli",
+         *_eval("--task", "pope", "--data-dir", str(pope_dir), "--output", str(tmp_path / "two"))],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"attnkit: error: question coco/adversarial/{first['question_id']}") == 2
+    assert not (tmp_path / "two" / "samples.jsonl").exists()
+
+
 # -- bad input: one line, exit 2, no traceback, nothing written lost ------------------------------
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
