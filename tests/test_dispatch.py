@@ -38,7 +38,8 @@ class PassThrough(Method):
         return self._rows
 
     def probs(self, ctx, layer, probs):
-        self.seen_rows = probs.shape[2]
+        assert probs.shape[2] == ctx.query_rows.numel()
+        self.seen_rows = (self.seen_rows or 0) + probs.shape[2]  # rows over all chunks of one call
         return probs
 
 
@@ -52,9 +53,10 @@ class PassThrough(Method):
     pad=st.lists(st.integers(0, 3), min_size=3, max_size=3),
     row_subset=st.booleans(),
     causal=st.booleans(),
+    chunk=st.sampled_from([None, 1, 40]),
     seed=st.integers(0, 10_000),
 )
-def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, seed):
+def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, chunk, seed):
     g = torch.Generator().manual_seed(seed)
     heads, dim = kv_heads * groups, 4
     kv_len = past + q_len
@@ -76,7 +78,12 @@ def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_s
     ctx = ForwardContext(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                          batch_size=batch, q_len=q_len, past_len=past)
     module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: [method])
-    out, _ = dispatch.attention(module, q, k, v, mask, scaling=dim**-0.5)
+    saved = dispatch.CHUNK_ELEMENTS
+    dispatch.CHUNK_ELEMENTS = chunk or saved  # 1: one row per chunk; 40: a few rows
+    try:
+        out, _ = dispatch.attention(module, q, k, v, mask, scaling=dim**-0.5)
+    finally:
+        dispatch.CHUNK_ELEMENTS = saved
     assert out.shape == ref.shape == (batch, q_len, heads, dim)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert method.seen_rows == (1 if row_subset else q_len)

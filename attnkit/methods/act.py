@@ -40,9 +40,10 @@ class ACTConfig(MethodConfig):
                 check_int("act", "heads layer", layer, 0, None)
                 if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
                     raise MethodArgumentError(f"act: heads[{layer}]={heads!r} must be a list of head indices")
-                heads = sorted(set(heads))
+                heads = list(heads)
                 for h in heads:
                     check_int("act", f"heads[{layer}]", h, 0, None)
+                heads = sorted(set(heads))
                 if heads:
                     clean[int(layer)] = heads
             self.heads = clean
@@ -55,10 +56,11 @@ class ACT(Method):
     In each selected head, a key column j other than the row's first token is a sink if its mean
     attention over the rows that can see it exceeds ``threshold``; its attention is multiplied by
     ``beta`` and the freed mass goes to the other columns of each row in proportion to their
-    attention (rows still sum to 1). The means are running sums over every row of the sequence so far
-    (the prompt at prefill, then each generated token), so KV-cached decoding equals recomputing the
-    whole sequence, which is what the official code evaluates. The column means need all rows of the
-    layer before any row is rewritten: the eager path makes a read-only pass first (``collect``).
+    attention (rows still sum to 1). The column means need all rows of the layer before any row is
+    rewritten: the eager path makes a read-only pass first (``collect``). At a decode step the means
+    run over every row so far (prompt and generated tokens, each counted once with the probabilities
+    it had when it was the new row); the official code, evaluated on whole sequences, takes them over
+    the rows of the current forward, which with a KV cache would be the new token's single row.
 
     Defaults: beta=0.4, threshold=0.1 (the paper's), start_layer=2 and every head of every later layer.
     The official code calibrates a per-task head list of LLaMA-2-7B layers 2..30 found by a search on

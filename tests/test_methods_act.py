@@ -1,0 +1,181 @@
+"""ACT: the calibration by hand (prefill and a decode step), only the chosen heads and layers change,
+rows sum to 1, decode steps use the running column means, and row chunking changes nothing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.hooks import dispatch
+from attnkit.hooks.context import ForwardContext
+from attnkit.methods import ACT, PAI, VAR
+
+from .conftest import logits, valid_positions
+from .test_methods_common import SINK_DIM, TAU, Recorder, deep, plant_sinks
+
+
+def _attached(**kwargs):
+    act = ACT(**kwargs)
+    act.attach(SimpleNamespace(adapter=SimpleNamespace(num_layers=1, num_heads=2)))
+    return act
+
+
+def test_calibration_by_hand():
+    act = _attached(beta=0.5, threshold=0.35, heads={0: [0]})
+    ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=4, past_len=0)
+    ctx.attention_mask = torch.ones(1, 4, dtype=torch.bool)
+    head = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.5, 0.5, 0.0, 0.0],
+            [0.4, 0.4, 0.2, 0.0],
+            [0.3, 0.3, 0.1, 0.3],
+        ]
+    )
+    probs = torch.stack([head, head.flip(-1).tril().softmax(-1)])[None]  # head 1 is not selected
+    ctx.query_rows = torch.arange(4)
+    ctx.visible = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    act.collect(ctx, 0, probs)
+    out = act.probs(ctx, 0, probs.clone())
+    # column means over the rows that see them: 0.55 (first token, exempt), 0.4, 0.15, 0.3 -> column 1 is the sink
+    expected = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # sees no sink mass
+            [0.75, 0.25, 0.0, 0.0],
+            [0.4 + 0.2 * 0.4 / 0.6, 0.2, 0.2 + 0.2 * 0.2 / 0.6, 0.0],
+            [0.3 + 0.15 * 0.3 / 0.7, 0.15, 0.1 + 0.15 * 0.1 / 0.7, 0.3 + 0.15 * 0.3 / 0.7],
+        ]
+    )
+    torch.testing.assert_close(out[0, 0], expected)
+    torch.testing.assert_close(out[0, 1], probs[0, 1])
+
+    # a decode step: its row joins the running means (column 1: (1.2 + 0.3) / 4 = 0.375 stays a sink;
+    # the new column 4: 0.3 / 1 is not one)
+    ctx.q_len, ctx.past_len, ctx.is_prefill = 1, 4, False
+    ctx.attention_mask = torch.ones(1, 5, dtype=torch.bool)
+    ctx.query_rows, ctx.visible = torch.tensor([0]), None
+    row = torch.tensor([0.2, 0.3, 0.1, 0.1, 0.3])
+    step = torch.stack([row, row])[None, :, None]
+    act.collect(ctx, 0, step)
+    out = act.probs(ctx, 0, step.clone())
+    expected = torch.tensor([0.2 + 0.15 * 0.2 / 0.7, 0.15, 0.1 + 0.15 * 0.1 / 0.7, 0.1 + 0.15 * 0.1 / 0.7,
+                             0.3 + 0.15 * 0.3 / 0.7])
+    torch.testing.assert_close(out[0, 0, 0], expected)
+    torch.testing.assert_close(out[0, 1, 0], row)
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_only_chosen_heads_and_layers_change(family):
+    model, inputs = deep(family)
+    beta, threshold = 0.3, 0.08
+    heads = {1: [0, 3], 2: [1]}
+    rec = Recorder()
+    with attnkit.wrap(model, [rec, ACT(beta=beta, threshold=threshold, heads=heads)]) as h, torch.no_grad():
+        model(**inputs)
+        real = h.ctx.attention_mask
+    changed = 0
+    for layer in range(4):
+        pre, post = Recorder.assemble(rec.pre, layer), Recorder.assemble(rec.post, layer)
+        live = post.sum(-1) > 0
+        torch.testing.assert_close(post.sum(-1)[live], torch.ones_like(post.sum(-1)[live]))
+        for hd in range(pre.shape[1]):
+            if hd not in heads.get(layer, []):
+                assert torch.equal(pre[:, hd], post[:, hd]), (layer, hd)
+                continue
+            for b in range(pre.shape[0]):
+                n = pre.shape[-1]
+                visible = torch.ones(n, n, dtype=torch.bool).tril() & real[b][None, :] & real[b][:, None]
+                mean = pre[b, hd].sum(0) / visible.sum(0).clamp_min(1)
+                sink = (mean > threshold) & (visible.sum(0) > 0)
+                sink[int(real[b].float().argmax())] = False
+                for q in range(n):
+                    if not real[b, q]:
+                        continue
+                    row, new = pre[b, hd, q], post[b, hd, q]
+                    if float(row[sink].sum()) == 0:
+                        torch.testing.assert_close(new, row)
+                        continue
+                    changed += 1
+                    torch.testing.assert_close(new[sink], beta * row[sink])
+                    rest = ~sink & (row > 0)
+                    gain = new[rest] / row[rest]
+                    torch.testing.assert_close(gain, gain[:1].expand_as(gain))
+    assert changed > 20, "the fixture must calibrate some rows"
+
+
+class History(Recorder):
+    """Recorder that keeps every forward: the pre-rewrite rows of prefill and of each decode step."""
+
+    name = "history_double"
+
+    def begin_forward(self, ctx):
+        self.forwards = getattr(self, "forwards", [])
+        self.pre, self.post = {}, {}
+        self.forwards.append((self.pre, self.post))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_decode_steps_use_running_means(family):
+    """At the last decode step the sinks come from the means over every row so far (independent sums)."""
+    model, inputs = deep(family)
+    beta, threshold = 0.3, 0.06
+    rec = History()
+    with attnkit.wrap(model, [rec, ACT(beta=beta, threshold=threshold, start_layer=1)]) as h, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        real = h.ctx.attention_mask
+    assert len(rec.forwards) == 4
+    checked = 0
+    for layer in (1, 3):
+        rows = [Recorder.assemble(pre, layer) for pre, _ in rec.forwards]
+        width = rows[-1].shape[-1]
+        rows = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows], dim=2)
+        n = width
+        visible = torch.ones(n, n, dtype=torch.bool).tril()[None] & real[:, None, :] & real[:, :, None]
+        mean = rows.sum(2) / visible.sum(1, keepdim=True).clamp_min(1)  # (B, H, K)
+        sink = (mean > threshold) & (visible.sum(1, keepdim=True) > 0)
+        for b in range(sink.shape[0]):
+            sink[b, :, int(real[b].float().argmax())] = False
+        pre, post = rows[:, :, -1], Recorder.assemble(rec.forwards[-1][1], layer)[:, :, 0]
+        for b in range(pre.shape[0]):
+            for hd in range(pre.shape[1]):
+                s = sink[b, hd]
+                if float(pre[b, hd][s].sum()) == 0:
+                    torch.testing.assert_close(post[b, hd], pre[b, hd])
+                    continue
+                checked += 1
+                torch.testing.assert_close(post[b, hd][s], beta * pre[b, hd][s])
+                rest = ~s & (pre[b, hd] > 0)
+                gain = post[b, hd][rest] / pre[b, hd][rest]
+                torch.testing.assert_close(gain, gain[:1].expand_as(gain))
+    assert checked > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        lambda: [ACT(beta=0.3, threshold=0.05, start_layer=1)],
+        lambda: [VAR(p=0.2, tau=TAU, sink_dims=[SINK_DIM], start_layer=1, skip_last=0, summ=0.0, rho=1.0),
+                 ACT(beta=0.5, threshold=0.05, start_layer=0), PAI(alpha=0.5, start_layer=1)],
+    ],
+    ids=["act", "var+act+pai"],
+)
+def test_row_chunks_change_nothing(spec, monkeypatch):
+    """Chunks of 1-3 rows (the collect pass then recomputes every chunk) give the one-chunk result."""
+    model, inputs = deep("qwen2_vl")
+    hooks, _ = plant_sinks(model)
+    try:
+        ref = logits(model, inputs)
+        with attnkit.wrap(model, spec()):
+            one = logits(model, inputs)
+        monkeypatch.setattr(dispatch, "CHUNK_ELEMENTS", 2 * 4 * inputs["input_ids"].shape[1] + 1)
+        with attnkit.wrap(model, spec()):
+            many = logits(model, inputs)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    keep = valid_positions(inputs)
+    torch.testing.assert_close(many[keep], one[keep], atol=1e-5, rtol=0)
+    assert (one[keep] - ref[keep]).abs().max() > 1e-3
