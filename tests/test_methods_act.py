@@ -177,5 +177,5 @@ def test_row_chunks_change_nothing(spec, monkeypatch):
         for hk in hooks:
             hk.remove()
     keep = valid_positions(inputs)
-    torch.testing.assert_close(many[keep], one[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(many[keep], one[keep], atol=1e-4, rtol=0)  # summation order differs
     assert (one[keep] - ref[keep]).abs().max() > 1e-3

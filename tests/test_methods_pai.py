@@ -26,16 +26,18 @@ def test_score_rewrite_by_hand():
     ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, batch_size=1, q_len=3, past_len=2)
     ctx.image_mask = torch.tensor([[False, True, True, True, False]])
     ctx.query_rows = torch.tensor([1, 2])  # a chunk holding rows 1 and 2 of q_len 3: row 2 is the last
+    ctx.visible = torch.ones(1, 1, 2, 5, dtype=torch.bool)
+    ctx.visible[0, 0, 1, 3] = False  # e.g. a pruned image token
     scores = torch.tensor(
         [
             [[0.4, 1.0, -2.0, 0.3, 0.2], [-1.0, 2.0, -3.0, MIN, 1.0]],
-            [[0.1, 0.2, 0.3, 0.4, 0.5], [1.5, -0.5, 0.0, 4.0, -2.0]],
+            [[0.1, 0.2, 0.3, 0.4, 0.5], [1.5, -0.5, 0.0, MIN, -2.0]],
         ]
     )[None]
     out = pai.scores(ctx, 0, scores.clone())
     expected = scores.clone()
     expected[0, 0, 1] = torch.tensor([-1.0, 3.0, -1.5, MIN, 1.0])  # 2 + 1, -3 + 1.5; a masked column stays
-    expected[0, 1, 1] = torch.tensor([1.5, -0.25, 0.0, 6.0, -2.0])
+    expected[0, 1, 1] = torch.tensor([1.5, -0.25, 0.0, MIN, -2.0])
     assert torch.equal(out, expected)
     ctx.query_rows = torch.tensor([0, 1])  # a chunk without the last row: untouched
     assert torch.equal(pai.scores(ctx, 0, scores.clone()), scores)

@@ -76,11 +76,16 @@ class ForwardContext:
         """Image mask over the current key length (tokens generated after the prompt are text)."""
         if self.image_mask is None:
             return None
+        cached = self.__dict__.get("_image_kv")
+        if cached is not None and cached[0] is self.image_mask and cached[1] == self.kv_len:
+            return cached[2]
         extra = self.kv_len - self.image_mask.shape[1]
         if extra <= 0:
-            return self.image_mask[:, : self.kv_len]
-        pad = self.image_mask.new_zeros(self.image_mask.shape[0], extra)
-        return torch.cat([self.image_mask, pad], dim=1)
+            out = self.image_mask[:, : self.kv_len]
+        else:
+            out = torch.cat([self.image_mask, self.image_mask.new_zeros(self.image_mask.shape[0], extra)], dim=1)
+        self.__dict__["_image_kv"] = (self.image_mask, self.kv_len, out)
+        return out
 
     def keep_for_layer(self, layer: int) -> torch.Tensor | None:
         """(B, S_kv) bool of key positions still present at ``layer`` after pruning, or None."""

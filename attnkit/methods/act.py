@@ -99,20 +99,29 @@ class ACT(Method):
         return set(self._heads)
 
     def _stats(self, ctx: ForwardContext, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Running column sums (B, H, kv) and visible-row counts (B, 1, kv) of this layer, grown to kv_len."""
+        """This layer's running column sums (B, H, cap) and visible-row counts (B, 1, cap), cap >= kv_len,
+        and which columns may be sinks at all (B, H, cap): the selected heads, never the first token."""
         store = ctx.store.setdefault(f"act:{id(self)}", {})
         st = store.get(layer)
         kv = ctx.kv_len
+        if st is not None and st["sum"].shape[-1] >= kv:
+            return st
+        cap = kv + 256
         if st is None:
-            st = {
-                "sum": torch.zeros(ctx.batch_size, heads, kv, device=device),
-                "count": torch.zeros(ctx.batch_size, 1, kv, device=device),
-            }
-            store[layer] = st
-        elif st["sum"].shape[-1] < kv:
-            grow = kv - st["sum"].shape[-1]
+            st = {"sum": torch.zeros(ctx.batch_size, heads, cap, device=device),
+                  "count": torch.zeros(ctx.batch_size, 1, cap, device=device)}
+        else:
+            grow = cap - st["sum"].shape[-1]
             st["sum"] = torch.nn.functional.pad(st["sum"], (0, grow))
             st["count"] = torch.nn.functional.pad(st["count"], (0, grow))
+        allowed = self._heads[layer].to(device)[None, :, None].expand(ctx.batch_size, heads, cap).clone()
+        if ctx.attention_mask is not None:
+            first = ctx.attention_mask.float().argmax(1).to(device)  # the row's first real token
+        else:
+            first = torch.zeros(ctx.batch_size, dtype=torch.long, device=device)
+        allowed[torch.arange(ctx.batch_size, device=device), :, first] = False
+        st["allowed"] = allowed
+        store[layer] = st
         return st
 
     def collect(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> None:
@@ -122,31 +131,23 @@ class ACT(Method):
         if ctx.visible is None:
             st["count"][..., :width] += rows
         else:
-            st["count"][..., :width] += ctx.visible.sum(2, dtype=torch.float32).expand(bsz, 1, width)
+            st["count"][..., :width] += ctx.visible.sum(2, dtype=torch.float32)
 
     def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        store = ctx.store.get(f"act:{id(self)}", {})
-        st = store.get(layer)
+        st = ctx.store.get(f"act:{id(self)}", {}).get(layer)
         if st is None:
             return probs
         width = probs.shape[-1]
-        count = st["count"][..., :width]
-        mean = st["sum"][..., :width] / count.clamp_min(1.0)
-        sink = (mean > self.config.threshold) & (count > 0)
-        sink &= self._heads[layer].to(sink.device)[None, :, None]
-        # the row's first real token (the usual sink everybody has) is never calibrated
-        if ctx.attention_mask is not None:
-            first = ctx.attention_mask[:, :width].float().argmax(1).to(sink.device)
-        else:
-            first = torch.zeros(sink.shape[0], dtype=torch.long, device=sink.device)
-        sink[torch.arange(sink.shape[0], device=sink.device), :, first] = False
+        # mean > threshold, without dividing (a column no row sees has sum 0 and count 0)
+        sink = st["sum"][..., :width] > self.config.threshold * st["count"][..., :width]
+        sink &= st["allowed"][..., :width]
         if not bool(sink.any()):
             return probs
         p = probs.float()
         s = sink[:, :, None, :]
-        sink_mass = (p * s).sum(-1, keepdim=True)
-        rest = p.sum(-1, keepdim=True) - sink_mass
-        beta = self.config.beta
-        scale = torch.where(rest > 0, 1.0 + (1.0 - beta) * sink_mass / rest.clamp_min(1e-12), 1.0)
-        factor = torch.where(s, torch.where(rest > 0, beta, 1.0), scale)
-        return (p * factor).to(probs.dtype)
+        mass = (p * s).sum(-1, keepdim=True)  # on the sinks
+        total = p.sum(-1, keepdim=True)
+        rest = total - mass
+        beta = torch.where(rest > 0, self.config.beta, 1.0)  # a row with nothing else keeps its sinks
+        others = (total - beta * mass) / rest.clamp_min(1e-12)  # so that the row keeps its sum
+        return (p * torch.where(s, beta, others)).to(probs.dtype)

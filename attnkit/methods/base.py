@@ -65,6 +65,9 @@ class Method:
     - ``head_output(ctx, layer, out) -> out``: per-head attention output (B, q, H, D) before o_proj.
     - ``observe(ctx, layer, probs) -> None``: read-only look at the final probabilities.
 
+    ``scores`` and ``probs`` callbacks may rewrite their tensor in place and return it; ``collect``
+    and ``observe`` must clone what they keep. ``rows`` returns sorted, distinct indices.
+
     The attention-level tensors cover a chunk of r query rows (``ctx.query_rows`` holds their
     indices among this forward's new tokens) and the key columns [0, K'), K' <= ``ctx.kv_len``:
     slice per-column masks with ``[..., :probs.shape[-1]]``. ``ctx.visible`` says which of those

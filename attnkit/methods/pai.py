@@ -97,15 +97,25 @@ class PAI(Method):
         rows = ctx.query_rows
         if rows is None or int(rows[-1]) != ctx.q_len - 1:
             return scores  # this chunk does not hold the last row
+        weight = self._weight(ctx, scores)
+        if weight is None:
+            return scores
+        if ctx.visible is not None:
+            weight = weight * ctx.visible[:, :, -1, :]  # never lift a masked column
+        last = scores[:, :, -1, :]
+        last.addcmul_(last.abs(), weight)  # score + alpha * |score| on image columns, in place
+        return scores
+
+    def _weight(self, ctx: ForwardContext, scores: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, K') alpha on the image columns, 0 elsewhere; cached per forward and width."""
         image = ctx.image_mask_kv()
         if image is None:
-            return scores
-        last = scores[:, :, -1, :]
-        image = image[:, None, : last.shape[-1]].to(last.device)
-        image = image & (last > torch.finfo(last.dtype).min / 2)  # never lift a masked column
-        scores = scores.clone()
-        scores[:, :, -1, :] = torch.where(image, last + self.config.alpha * last.abs(), last)
-        return scores
+            return None
+        cache = ctx.store.setdefault(f"pai:{id(self)}", {})
+        if cache.get("image") is not image or cache.get("like") != (scores.shape[-1], scores.dtype):
+            cache["image"], cache["like"] = image, (scores.shape[-1], scores.dtype)
+            cache["weight"] = self.config.alpha * image[:, None, : scores.shape[-1]].to(scores.device, scores.dtype)
+        return cache["weight"]
 
     def logits(self, ctx: ForwardContext, logits: torch.Tensor) -> torch.Tensor:
         if not self.text_branch or not ctx.branch_rows or logits.shape[0] != ctx.batch_size:

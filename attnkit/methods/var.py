@@ -202,36 +202,57 @@ class VAR(Method):
         return None
 
     # -- 2. + 3. image-centric pairs, redistribution -------------------------------------------
-    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
+    def _masks(self, ctx: ForwardContext, layer: int, width: int, device: torch.device) -> tuple | None:
+        """Per layer, cached for the forward: (masks (B, K, 4): image, visual sink, sink, non-sink
+        image; keep (B, 1, 1, K): p on sinks, 1 elsewhere; has_visual (B, 1, 1)), or None."""
         state = self._state(ctx)
+        cache = state.setdefault("masks", {})
+        hit = cache.get(layer)
+        if hit is not None and hit[0] >= width:
+            return None if hit[1] is None else _crop(hit[1], width)
         sink = state["sinks"].get(layer)
-        image = ctx.image_mask_kv()
-        if sink is None or image is None or ctx.query_rows is None:
-            return probs
-        width = probs.shape[-1]
-        sink = _fit(sink, width).to(probs.device)
-        image = _fit(image, width).to(probs.device)
-        has_visual = (sink & image).any(-1)  # (B,)
+        image = ctx.image_mask
+        if sink is None or image is None:
+            cache[layer] = (1 << 62, None)
+            return None
+        capacity = max(width, sink.shape[1]) + 256  # generated tokens are never image or sink
+        sink, image = _fit(sink, capacity).to(device), _fit(image, capacity).to(device)
+        has_visual = (sink & image).any(-1)
         if not bool(has_visual.any()):
+            cache[layer] = (1 << 62, None)
+            return None
+        masks = torch.stack([image, sink & image, sink, image & ~sink], dim=2).float()  # (B, K, 4)
+        keep = torch.where(sink, self.config.p, 1.0)[:, None, None, :]
+        entry = (masks, keep, has_visual[:, None, None])
+        cache[layer] = (capacity, entry)
+        return _crop(entry, width)
+
+    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if ctx.query_rows is None:
             return probs
-        eligible = state["eligible"][:, ctx.query_rows.to(state["eligible"].device)].to(probs.device)  # (B, r)
+        found = self._masks(ctx, layer, probs.shape[-1], probs.device)
+        if found is None:
+            return probs
+        masks, keep, has_visual = found
+        eligible = self._state(ctx)["eligible"]
+        if ctx.query_rows.numel() != eligible.shape[1]:
+            eligible = eligible[:, ctx.query_rows.to(eligible.device)]
         p = probs.float()
-        masks = torch.stack([image, sink & image, sink, image & ~sink], dim=1).float()  # (B, 4, K)
-        image_attn, visual_sink, sink_attn, rest = torch.einsum("bhrk,bmk->mbhr", p, masks)
-        share = visual_sink / image_attn.clamp_min(1e-12)
+        bsz, heads, rows, width = p.shape
+        sums = torch.bmm(p.reshape(bsz, heads * rows, width), masks).view(bsz, heads, rows, 4)
+        image_attn, visual_sink, sink_attn, rest = sums.unbind(-1)
         cfg = self.config
         chosen = (
             (image_attn >= cfg.summ)
-            & (share <= cfg.rho)
+            & (visual_sink <= cfg.rho * image_attn)  # the visual-sink share of the image attention
             & (rest > 0)
-            & has_visual[:, None, None]
-            & eligible[:, None, :]
+            & has_visual
+            & eligible.to(probs.device)[:, None, :]
         )
         if not bool(chosen.any()):
             return probs
-        keep = torch.where(sink, cfg.p, 1.0)[:, None, None, :]  # (B, 1, 1, K)
-        gain = ((1.0 - cfg.p) * sink_attn / rest.clamp_min(1e-12))[..., None]  # (B, H, r, 1)
-        new = p * keep + gain * p * (image & ~sink)[:, None, None, :]
+        gain = (1.0 - cfg.p) * sink_attn / rest.clamp_min(1e-12)
+        new = p * (keep + gain[..., None] * masks[:, None, None, :, 3])
         return torch.where(chosen[..., None], new, p).to(probs.dtype)
 
     # -- report ------------------------------------------------------------------------------
@@ -251,6 +272,11 @@ class VAR(Method):
                 layer: [row.nonzero().flatten().tolist() for row in d] for layer, d in state["dims"].items()
             }
         return out
+
+
+def _crop(entry: tuple, width: int) -> tuple:
+    masks, keep, has_visual = entry
+    return masks[:, :width], keep[..., :width], has_visual
 
 
 def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
