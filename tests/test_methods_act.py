@@ -162,8 +162,9 @@ def test_decode_steps_use_running_means(family):
     ],
     ids=["act", "var+act+pai"],
 )
-def test_row_chunks_change_nothing(spec, monkeypatch):
-    """Chunks of 1-3 rows (the collect pass then recomputes every chunk) give the one-chunk result."""
+@pytest.mark.parametrize("keep_chunks", [True, False], ids=["kept", "recomputed"])
+def test_row_chunks_change_nothing(spec, keep_chunks, monkeypatch):
+    """Chunks of 1-3 rows, kept from the collect pass or computed again, give the one-chunk result."""
     model, inputs = deep("qwen2_vl")
     hooks, _ = plant_sinks(model)
     try:
@@ -171,6 +172,7 @@ def test_row_chunks_change_nothing(spec, monkeypatch):
         with attnkit.wrap(model, spec()):
             one = logits(model, inputs)
         monkeypatch.setattr(dispatch, "CHUNK_ELEMENTS", 2 * 4 * inputs["input_ids"].shape[1] + 1)
+        monkeypatch.setattr(dispatch, "COLLECT_CACHE_ELEMENTS", 2**22 if keep_chunks else 0)
         with attnkit.wrap(model, spec()):
             many = logits(model, inputs)
     finally:

@@ -38,6 +38,9 @@ CHUNK_ELEMENTS = 3 * 2**20
 CHUNK_ROWS = 128
 #: Other devices (GPU) take larger chunks: only the memory bound matters there.
 CHUNK_ELEMENTS_ACCEL = 2**26
+#: A ``collect`` pass keeps its chunks' probabilities for the rewrite pass while they hold at most
+#: this many elements in all (16 MB in fp32); beyond, the rewrite pass recomputes them.
+COLLECT_CACHE_ELEMENTS = 2**22
 
 
 def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -211,24 +214,29 @@ def _eager(
         return probs, visible, dead, kv_end
 
     # Methods that need statistics over every requested row first (ACT's column means) get a
-    # read-only pass before any probs callback; several chunks are then computed twice.
-    cached = None
+    # read-only pass before any probs callback; its chunks are kept for the rewrite pass when they
+    # are small in all, else computed again.
+    cached: list | None = None
     if any(m.collect is not None for m in methods):
+        cached, kept = [], 0
         for pos, sl in chunks:
             probs, visible, dead, kv_end = chunk_probs(pos, sl)
             seen = probs if dead is None else probs.masked_fill(dead, 0.0)
             for m in methods:
                 if m.collect is not None:
                     m.collect(ctx, layer, seen)
-            if len(chunks) == 1:
-                cached = (probs, visible, dead, kv_end)
+            kept += probs.numel()
+            if cached is not None and (len(chunks) == 1 or kept <= COLLECT_CACHE_ELEMENTS):
+                cached.append((probs, visible, dead, kv_end))
+            else:
+                cached = None
 
     want_weights = bool(kwargs.get("output_attentions")) and rows is None
     weights = query.new_zeros(bsz, n_heads, q_len, kv_len) if want_weights else None
     out = query.new_empty(bsz, n_heads, n_rows, head_dim) if len(chunks) > 1 else None
     done = 0
-    for pos, sl in chunks:
-        probs, visible, dead, kv_end = cached if cached is not None else chunk_probs(pos, sl)
+    for i, (pos, sl) in enumerate(chunks):
+        probs, visible, dead, kv_end = cached[i] if cached is not None else chunk_probs(pos, sl)
         ctx.query_rows, ctx.visible = pos, visible
         for m in methods:
             if m.probs is not None:
