@@ -103,7 +103,7 @@ def _chunk_mask(
     if base is not None:
         if base.shape[2] > 1:
             base = base[:, :, sl] if sl is not None else base[:, :, pos]
-        cols = base.any(0).any(0).any(0).nonzero()
+        cols = base.reshape(-1, base.shape[-1]).any(0).nonzero()
         kv_end = int(cols[-1]) + 1 if cols.numel() else 1
         return base[..., :kv_end], kv_end
     if causal:
@@ -111,6 +111,23 @@ def _chunk_mask(
         cols = torch.arange(kv_end, device=pos.device)
         return (cols[None, :] <= pos[:, None])[None, None], kv_end
     return None, kv_len
+
+
+def _mask_scores(scores: torch.Tensor, visible: torch.Tensor, value: float) -> None:
+    """``scores.masked_fill_(~visible, value)``, touching only the runs of key columns that some row
+    of the chunk cannot see (left padding, the causal diagonal block): at most a few narrow slices."""
+    hidden = ~visible.reshape(-1, visible.shape[-1]).all(0)
+    cols = hidden.nonzero().flatten()
+    if cols.numel() == 0:
+        return
+    cuts = (cols[1:] - cols[:-1] > 1).nonzero().flatten().tolist()
+    if len(cuts) > 3:
+        scores.masked_fill_(~visible, value)
+        return
+    starts = [int(cols[0])] + [int(cols[c + 1]) for c in cuts]
+    ends = [int(cols[c]) + 1 for c in cuts] + [int(cols[-1]) + 1]
+    for a, b in zip(starts, ends):
+        scores[..., a:b].masked_fill_(~visible[..., a:b], value)
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -202,7 +219,7 @@ def _eager(
             scores = torch.tanh(scores / softcap) * softcap
         dead = None
         if visible is not None:
-            scores.masked_fill_(~visible, min_value)
+            _mask_scores(scores, visible, min_value)
             dead = ~visible.any(-1, keepdim=True)
             if not dead.any():
                 dead = None
