@@ -1,16 +1,34 @@
-"""Benchmark attnkit's hook overhead on CPU-sized models with real VLM layouts.
+"""Benchmark attnkit on CPU-sized models with real VLM layouts: hook overhead and the methods' cost.
 
-Measures prefill time and N-token greedy generate time, side by side in one run, for:
+Measures prefill time, N-token greedy generate time and peak memory, side by side in one run, for:
 
   (a) unwrapped sdpa
   (b) wrapped with no active method      target: (b)/(a) <= 1.03
   (c) `identity` on every layer          (the eager path's cost)
   (d) eager + output_attentions=True      (how the methods' original code runs)
+  (e) VAR  (defaults; tau=8 and sink_dims=[7] for the planted sinks, see below)
+  (f) PAI  (defaults: alpha=0.2, layers 2..31, last row only)
+  (g) ACT  (defaults: beta=0.4, threshold=0.1, every head of layers 2..31)
+  (h) PAI with its CFG step (cfg_gamma=1.1: the image-free prompt as extra batch rows)
 
-Configurations are interleaved, their order rotated and reversed between repetitions; each
-eager run is followed by an untimed settling run (it frees gigabytes of attention maps).
+Method targets: generate time <= 1.15x and peak memory <= 1.10x of (a); >= 1.5x faster than (d)
+at llavanext-mini. The model is random, so it has no massive activations of its own: every
+configuration runs with the same planted sinks (+1000 in hidden dim 7 at the first token and every
+64th image token, at every layer's input at prefill, as LLaVA's visual sinks are), so that VAR finds
+sinks and takes the eager path where a real model makes it (tau=8 because the parameter-free RMS
+norm of a width-256 state is at most 16).
+
+Time: configurations are interleaved, their order rotated and reversed between repetitions; each
+eager (d) run is followed by an untimed settling run (it frees gigabytes of attention maps).
 Times are medians over --repeats; ratios are medians of per-repetition ratios to (a), which
 cancels slow drifts of the machine's speed.
+
+Memory: each configuration runs in a fresh subprocess (--memory-repeats times, alternating):
+build the model, one untimed generate, then reset the kernel's peak-RSS mark
+(/proc/self/clear_refs) and run the measured generate. "peak RSS" is the process's VmHWM during
+that generate (Python, torch, model and all); "added" is VmHWM minus the RSS just before it, i.e.
+what generate itself needed (KV cache, activations, attention maps). RSS counts every CPU tensor,
+unlike tracemalloc. Linux only.
 
 Presets keep the real sequence layout (LM depth, image-token counts) at reduced width:
 
@@ -18,12 +36,16 @@ Presets keep the real sequence layout (LM depth, image-token counts) at reduced 
   llavanext-mini  LLaVA-NeXT layout: 32 LM layers, 576 base + 48x(48+1) high-res = 2928 image tokens
 
 Usage: python scripts/bench.py --preset llava15-mini [--repeats 5] [--new-tokens 32]
+       python scripts/bench.py --preset llavanext-mini --configs a,d,e,f,g,h --memory
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +64,56 @@ import attnkit
 
 IMAGE_TOKEN = 250
 VOCAB = 256
+SINK_DIM = 7
+SINK_EVERY = 64  # one planted visual sink per 64 image tokens (9 at 576, 46 at 2928)
+
+#: configuration key -> (letter, label)
+KINDS = {
+    "sdpa": ("a", "(a) unwrapped sdpa"),
+    "wrap-empty": ("b", "(b) wrapped, no method"),
+    "identity": ("c", "(c) identity, every layer"),
+    "eager": ("d", "(d) eager + output_attentions"),
+    "var": ("e", "(e) VAR"),
+    "pai": ("f", "(f) PAI"),
+    "act": ("g", "(g) ACT"),
+    "pai-cfg": ("h", "(h) PAI + CFG"),
+}
+
+
+def make_methods(kind: str) -> list | None:
+    """The attnkit methods of a configuration (None: not wrapped)."""
+    from attnkit.methods import ACT, PAI, VAR
+
+    return {
+        "wrap-empty": [],
+        "identity": ["identity"],
+        "var": [VAR(tau=8.0, sink_dims=[SINK_DIM])],
+        "pai": [PAI()],
+        "act": [ACT()],
+        "pai-cfg": [PAI(cfg_gamma=1.1)],
+    }.get(kind)
+
+
+def plant_sinks(model, inputs) -> None:
+    """Permanent pre-hooks on every decoder layer: +1000 in SINK_DIM at the first token and every
+    SINK_EVERY-th image token of the prompt (first batch row), at prefill only."""
+    ids = inputs["input_ids"][0]
+    where = (ids == IMAGE_TOKEN).nonzero().flatten()[::SINK_EVERY]
+    where = torch.cat([torch.tensor([0]), where])
+    prompt_len = ids.shape[0]
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] != prompt_len:
+            return None
+        hidden = hidden.clone()
+        hidden[0, where, SINK_DIM] += 1000.0
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=hidden)
+
+    for layer in model.get_decoder().layers:
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _text_config(hidden: int, layers: int, heads: int) -> LlamaConfig:
@@ -93,7 +165,72 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+class Runner:
+    """Runs one configuration's prefill or generate on the preset model."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.model, self.inputs, self.n_image = build(args.preset, args.hidden, args.layers, args.heads, args.text_tokens)
+        plant_sinks(self.model, self.inputs)
+        self.gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
+    def __call__(self, kind: str, what: str) -> float:
+        model, inputs = self.model, self.inputs
+        if kind == "eager":
+            model.set_attn_implementation({"text_config": "eager"})
+        methods = make_methods(kind)
+        handle = attnkit.wrap(model, methods) if methods is not None else None
+        try:
+            extra = {"output_attentions": True} if kind == "eager" else {}
+            with torch.no_grad():
+                if what == "prefill":
+                    return _timed(lambda: model(**inputs, **extra, logits_to_keep=1))
+                if kind == "eager":
+                    extra["return_dict_in_generate"] = True
+                return _timed(lambda: model.generate(**inputs, **self.gen_kw, **extra))
+        finally:
+            if handle is not None:
+                handle.remove()
+            if kind == "eager":
+                model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def memory_child(args: argparse.Namespace) -> int:
+    """In a fresh process: one untimed generate, then the peak RSS of a second one (JSON on stdout)."""
+    run = Runner(args)
+    run(args.memory_child, "generate")
+    before = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    run(args.memory_child, "generate")
+    peak = _rss_kb("VmHWM")
+    print(json.dumps({"peak_kb": peak, "added_kb": peak - before}))
+    return 0
+
+
+def measure_memory(args: argparse.Namespace, kinds: list[str], argv: list[str]) -> dict[str, dict[str, float]]:
+    """Median peak / added RSS (MB) per configuration, each run in its own subprocess."""
+    samples: dict[str, list[dict[str, int]]] = {k: [] for k in kinds}
+    for rep in range(args.memory_repeats):
+        for kind in kinds if rep % 2 == 0 else kinds[::-1]:
+            cmd = [sys.executable, __file__, *argv, "--memory-child", kind]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            samples[kind].append(json.loads(out.strip().splitlines()[-1]))
+    return {
+        k: {
+            "peak": statistics.median(s["peak_kb"] for s in v) / 1024,
+            "added": statistics.median(s["added_kb"] for s in v) / 1024,
+        }
+        for k, v in samples.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llava15-mini", choices=["llava15-mini", "llavanext-mini"])
     p.add_argument("--repeats", type=int, default=5)
@@ -104,47 +241,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--skip-generate", action="store_true")
-    p.add_argument("--configs", default="a,b,c,d", help="which of a,b,c,d to run (e.g. a,b for the overhead alone)")
+    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--configs", default="a,b,c,d", help="which of a..h to run (e.g. a,d,e,f,g,h for the methods)")
+    p.add_argument("--memory", action="store_true", help="also measure peak RSS, one subprocess per configuration")
+    p.add_argument("--memory-repeats", type=int, default=2)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.repeats < 5:
-        print("note: fewer than 5 repeats; medians are noisy", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+    if args.repeats < 5:
+        print("note: fewer than 5 repeats; medians are noisy", file=sys.stderr)
 
-    model, inputs, n_image = build(args.preset, args.hidden, args.layers, args.heads, args.text_tokens)
-    gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-
-    def run(kind: str, what: str) -> float:
-        if kind == "eager":
-            model.set_attn_implementation({"text_config": "eager"})
-        handle = None
-        if kind == "wrap-empty":
-            handle = attnkit.wrap(model, [])
-        elif kind == "identity":
-            handle = attnkit.wrap(model, "identity")
-        try:
-            extra = {"output_attentions": True} if kind == "eager" else {}
-            with torch.no_grad():
-                if what == "prefill":
-                    return _timed(lambda: model(**inputs, **extra, logits_to_keep=1))
-                if kind == "eager":
-                    extra["return_dict_in_generate"] = True
-                return _timed(lambda: model.generate(**inputs, **gen_kw, **extra))
-        finally:
-            if handle is not None:
-                handle.remove()
-            if kind == "eager":
-                model.set_attn_implementation({"text_config": "sdpa"})
-
-    kinds = [("sdpa", "(a) unwrapped sdpa"), ("wrap-empty", "(b) wrapped, no method"),
-             ("identity", "(c) identity, every layer"), ("eager", "(d) eager + output_attentions")]
     wanted = {c.strip() for c in args.configs.split(",")} | {"a"}  # (a) is the reference
-    kinds = [k for k in kinds if k[1][1] in wanted]
-    whats = ["prefill"] + ([] if args.skip_generate else ["generate"])
+    kinds = [k for k, (letter, _) in KINDS.items() if letter in wanted]
+    whats = ([] if args.skip_prefill else ["prefill"]) + ([] if args.skip_generate else ["generate"])
+    run = Runner(args)
     for what in whats:  # warm-up
-        for kind, _ in kinds:
+        for kind in kinds:
             run(kind, what)
-    times: dict[tuple[str, str], list[float]] = {(k, w): [] for k, _ in kinds for w in whats}
+    times: dict[tuple[str, str], list[float]] = {(k, w): [] for k in kinds for w in whats}
     for rep in range(args.repeats):
         # rotate the order each repetition and reverse it every other one, so that every
         # configuration runs in every slot and after different neighbours
@@ -152,34 +269,54 @@ def main(argv: list[str] | None = None) -> int:
         if rep % 2:
             order = order[::-1]
         for what in whats:
-            for kind, _ in order:
+            for kind in order:
                 times[(kind, what)].append(run(kind, what))
                 if kind == "eager":
                     # eager + output_attentions frees gigabytes; an untimed run lets the
                     # allocator settle so the next configuration is not charged for it
                     run("sdpa", what)
+    memory = None
+    if args.memory:
+        child_argv = [a for a in argv if a != "--memory"]
+        memory = measure_memory(args, kinds, child_argv)
 
-    seq = inputs["input_ids"].shape[1]
-    print(f"\n### {args.preset}: {args.layers} LM layers, hidden {args.hidden}, {n_image} image tokens, "
+    seq = run.inputs["input_ids"].shape[1]
+    print(f"\n### {args.preset}: {args.layers} LM layers, hidden {args.hidden}, {run.n_image} image tokens, "
           f"prompt {seq} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}\n")
-    header = "| configuration | prefill (s) | prefill vs (a) |"
-    sep = "|---|---:|---:|"
-    if "generate" in whats:
-        header += f" generate {args.new_tokens} tok (s) | generate vs (a) |"
+    header, sep = "| configuration |", "|---|"
+    for what in whats:
+        name = "prefill" if what == "prefill" else f"generate {args.new_tokens} tok"
+        header += f" {name} (s) | {what} vs (a) |"
         sep += "---:|---:|"
+    if "eager" in kinds and len(kinds) > 2 and whats:
+        header += f" (d) / this, {whats[-1]} |"
+        sep += "---:|"
+    if memory:
+        header += " peak RSS (MB) | added by generate (MB) | added vs (a) |"
+        sep += "---:|---:|---:|"
     print(header)
     print(sep)
-    for kind, label in kinds:
-        row = f"| {label} |"
-        for w in whats:
-            med = statistics.median(times[(kind, w)])
-            # ratio = median over repetitions of (this / unwrapped) within the same repetition,
-            # which cancels slow drifts of the machine's speed
-            ratio = statistics.median(t / a for t, a in zip(times[(kind, w)], times[("sdpa", w)]))
-            row += f" {med:.3f} | {ratio:.3f} |"
+
+    def ratio(kind: str, ref: str, what: str) -> float:
+        # median over repetitions of (this / ref) within the same repetition, which cancels slow
+        # drifts of the machine's speed
+        return statistics.median(t / r for t, r in zip(times[(kind, what)], times[(ref, what)]))
+
+    for kind in kinds:
+        row = f"| {KINDS[kind][1]} |"
+        for what in whats:
+            row += f" {statistics.median(times[(kind, what)]):.3f} | {ratio(kind, 'sdpa', what):.3f} |"
+        if "eager" in kinds and len(kinds) > 2 and whats:
+            row += f" {ratio('eager', kind, whats[-1]):.2f} |"
+        if memory:
+            m, a = memory[kind], memory["sdpa"]
+            row += f" {m['peak']:.0f} | {m['added']:.0f} | {m['added'] / a['added']:.2f} |"
         print(row)
     print("\nratios: median over repetitions of the time divided by (a)'s time in the same repetition")
+    if memory:
+        print(f"memory: median of {args.memory_repeats} fresh processes per configuration; peak RSS ratios to (a): "
+              + ", ".join(f"{KINDS[k][0]} {memory[k]['peak'] / memory['sdpa']['peak']:.2f}" for k in kinds))
     return 0
 
 
