@@ -24,11 +24,11 @@ Times are medians over --repeats; ratios are medians of per-repetition ratios to
 cancels slow drifts of the machine's speed.
 
 Memory: each configuration runs in a fresh subprocess (--memory-repeats times, alternating):
-build the model, one untimed generate, then reset the kernel's peak-RSS mark
-(/proc/self/clear_refs) and run the measured generate. "peak RSS" is the process's VmHWM during
-that generate (Python, torch, model and all); "added" is VmHWM minus the RSS just before it, i.e.
-what generate itself needed (KV cache, activations, attention maps). RSS counts every CPU tensor,
-unlike tracemalloc. Linux only.
+build the model, one untimed generate, return the freed heap to the OS (malloc_trim), then reset
+the kernel's peak-RSS mark (/proc/self/clear_refs) and run the measured generate. "peak RSS" is
+the process's VmHWM during that generate (Python, torch, model and all); "added" is VmHWM minus
+the RSS just before it, i.e. what generate itself needed at its peak (KV cache, activations,
+attention maps). RSS counts every CPU tensor, unlike tracemalloc. Linux (glibc) only.
 
 Presets keep the real sequence layout (LM depth, image-token counts) at reduced width:
 
@@ -42,6 +42,8 @@ Usage: python scripts/bench.py --preset llava15-mini [--repeats 5] [--new-tokens
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import re
 import statistics
@@ -203,6 +205,8 @@ def memory_child(args: argparse.Namespace) -> int:
     """In a fresh process: one untimed generate, then the peak RSS of a second one (JSON on stdout)."""
     run = Runner(args)
     run(args.memory_child, "generate")
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back, so RSS = live memory
     before = _rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS

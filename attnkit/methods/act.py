@@ -143,11 +143,14 @@ class ACT(Method):
         sink &= st["allowed"][..., :width]
         if not bool(sink.any()):
             return probs
-        p = probs.float()
-        s = sink[:, :, None, :]
-        mass = (p * s).sum(-1, keepdim=True)  # on the sinks
+        p = probs.float()  # the same tensor for fp32 probabilities: rewritten in place
+        bsz, heads, rows, width = p.shape
+        s = sink.to(p.dtype)[..., None]  # (B, H, K, 1)
+        mass = torch.matmul(p, s)  # (B, H, r, 1) on the sinks, without a (r, K) temporary
         total = p.sum(-1, keepdim=True)
         rest = total - mass
         beta = torch.where(rest > 0, self.config.beta, 1.0)  # a row with nothing else keeps its sinks
         others = (total - beta * mass) / rest.clamp_min(1e-12)  # so that the row keeps its sum
-        return (p * torch.where(s, beta, others)).to(probs.dtype)
+        # factor: beta on the sink columns, `others` elsewhere (one (r, K) temporary)
+        p.mul_(torch.addcmul(others, s.transpose(2, 3), beta - others))
+        return p.to(probs.dtype)

@@ -163,6 +163,7 @@ class VAR(Method):
             eligible = eligible & q_real.to(eligible.device)
         state["eligible"] = eligible
         state["rows"] = eligible.any(0).nonzero().flatten()
+        state["rows_ok"] = {}
 
     # -- routing ---------------------------------------------------------------------------
     def layers(self, ctx: ForwardContext) -> set[int]:
@@ -172,8 +173,10 @@ class VAR(Method):
             return set()
         if ctx.is_prefill:
             return set(self._range)
-        image = ctx.image_mask
-        return {layer for layer, sink in state["sinks"].items() if bool((sink & image).any())}
+        if "decode_layers" not in state:  # the layers with a visual sink, fixed after the prefill
+            image = ctx.image_mask
+            state["decode_layers"] = {layer for layer, sink in state["sinks"].items() if bool((sink & image).any())}
+        return state["decode_layers"]
 
     def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
         return self._state(ctx)["rows"]
@@ -234,21 +237,23 @@ class VAR(Method):
         if found is None:
             return probs
         masks, keep, has_visual = found
-        eligible = self._state(ctx)["eligible"]
-        if ctx.query_rows.numel() != eligible.shape[1]:
-            eligible = eligible[:, ctx.query_rows.to(eligible.device)]
+        state = self._state(ctx)
+        eligible = state["eligible"]
+        if ctx.query_rows.numel() == eligible.shape[1]:  # every row of the forward (decode: the new token)
+            rows_ok = state.setdefault("rows_ok", {}).get(layer)
+            if rows_ok is None:
+                rows_ok = state["rows_ok"][layer] = has_visual & eligible.to(probs.device)[:, None, :]
+        else:
+            rows_ok = has_visual & eligible[:, ctx.query_rows.to(eligible.device)].to(probs.device)[:, None, :]
         p = probs.float()
         bsz, heads, rows, width = p.shape
         sums = torch.bmm(p.reshape(bsz, heads * rows, width), masks).view(bsz, heads, rows, 4)
         image_attn, visual_sink, sink_attn, rest = sums.unbind(-1)
         cfg = self.config
-        chosen = (
-            (image_attn >= cfg.summ)
-            & (visual_sink <= cfg.rho * image_attn)  # the visual-sink share of the image attention
-            & (rest > 0)
-            & has_visual
-            & eligible.to(probs.device)[:, None, :]
-        )
+        # image attention >= summ, visual-sink share of it <= rho (and something left to receive)
+        chosen = (image_attn >= cfg.summ) & (visual_sink <= cfg.rho * image_attn) & rows_ok
+        if cfg.rho >= 1.0 or cfg.summ <= 0.0:  # otherwise rest >= (1 - rho) * summ > 0 already
+            chosen &= rest > 0
         if not bool(chosen.any()):
             return probs
         gain = (1.0 - cfg.p) * sink_attn / rest.clamp_min(1e-12)
