@@ -28,7 +28,11 @@ build the model, one untimed generate, return the freed heap to the OS (malloc_t
 the kernel's peak-RSS mark (/proc/self/clear_refs) and run the measured generate. "peak RSS" is
 the process's VmHWM during that generate (Python, torch, model and all); "added" is VmHWM minus
 the RSS just before it, i.e. what generate itself needed at its peak (KV cache, activations,
-attention maps). RSS counts every CPU tensor, unlike tracemalloc. Linux (glibc) only.
+attention maps). RSS counts every CPU tensor, unlike tracemalloc. The children run with
+MALLOC_MMAP_THRESHOLD_=1MiB: glibc's default dynamic threshold keeps freed multi-MB tensors in the
+heap, which adds +-100 MB of run-to-run noise to RSS at llavanext-mini (--default-malloc to see it);
+with a fixed threshold every large tensor is mapped and unmapped, so RSS follows the live tensors.
+Linux (glibc) only.
 
 Presets keep the real sequence layout (LM depth, image-token counts) at reduced width:
 
@@ -45,6 +49,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -222,7 +227,10 @@ def measure_memory(args: argparse.Namespace, kinds: list[str], argv: list[str]) 
     for rep in range(args.memory_repeats):
         for kind in kinds if rep % 2 == 0 else kinds[::-1]:
             cmd = [sys.executable, __file__, *argv, "--memory-child", kind]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = dict(os.environ)
+            if not args.default_malloc:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)  # see the module docstring
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             samples[kind].append(json.loads(out.strip().splitlines()[-1]))
     return {
         k: {
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="a,b,c,d", help="which of a..h to run (e.g. a,d,e,f,g,h for the methods)")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS, one subprocess per configuration")
     p.add_argument("--memory-repeats", type=int, default=2)
+    p.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold (noisy RSS)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
