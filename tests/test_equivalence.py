@@ -9,7 +9,7 @@ import attnkit
 from attnkit import testing
 from attnkit.hooks import dispatch
 
-from .conftest import greedy, logits, valid_positions
+from .conftest import extend_inputs, greedy, logits, valid_positions
 
 
 def _impls(model) -> dict[str, str]:
@@ -66,16 +66,6 @@ def test_batch_rows_equal_rows_alone(family):
             assert torch.equal(greedy(model, alone)[0], batch_tokens[r]), f"row {r} differs when batched"
 
 
-def _extend(inputs: dict, new: torch.Tensor) -> dict:
-    """Inputs with ``new`` (B, n) tokens appended, per-token tensors extended as generate does."""
-    out = dict(inputs)
-    ids = inputs["input_ids"]
-    out["input_ids"] = torch.cat([ids, new], dim=1)
-    for key, value in inputs.items():
-        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape:
-            fill = 1 if key == "attention_mask" else 0
-            out[key] = torch.cat([value, value.new_full((ids.shape[0], new.shape[1]), fill)], dim=1)
-    return out
 
 
 def test_kv_cached_generate_equals_full_recomputation(tiny):
@@ -88,7 +78,7 @@ def test_kv_cached_generate_equals_full_recomputation(tiny):
         )
         tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]
         for t in range(n):
-            full = model(**_extend(inputs, tokens[:, :t])).logits[:, -1]
+            full = model(**extend_inputs(inputs, tokens[:, :t])).logits[:, -1]
             torch.testing.assert_close(full, gen.logits[t], atol=1e-4, rtol=0)
             allowed = torch.isfinite(gen.scores[t])  # the same suppressed ids as generate
             pick = full.masked_fill(~allowed, float("-inf")).argmax(-1)

@@ -15,7 +15,7 @@ from attnkit.hooks.context import ForwardContext
 from attnkit.methods import PAI
 from attnkit.models import get_adapter
 
-from .conftest import greedy
+from .conftest import extend_inputs, greedy
 from .test_methods_common import Recorder, deep
 
 MIN = torch.finfo(torch.float32).min
@@ -77,15 +77,6 @@ def _cfg(logp: torch.Tensor, logp_noimg: torch.Tensor, gamma: float) -> torch.Te
     return torch.where(keep, out, torch.full_like(out, -math.inf))
 
 
-def _extend(inputs: dict, new: torch.Tensor) -> dict:
-    out = dict(inputs)
-    ids = inputs["input_ids"]
-    out["input_ids"] = torch.cat([ids, new], dim=1)
-    for key, value in inputs.items():
-        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape:
-            fill = 1 if key == "attention_mask" else 0
-            out[key] = torch.cat([value, value.new_full((ids.shape[0], new.shape[1]), fill)], dim=1)
-    return out
 
 
 CFG_FAMILIES = ["llava", "qwen2_vl", "instructblip", "internvl", "gemma3"]
@@ -105,9 +96,9 @@ def test_cfg_equals_formula_through_generate(family):
                                  return_dict_in_generate=True, output_logits=True)
         tokens = gen.sequences[:, inputs["input_ids"].shape[1]:]
         for t in range(n):
-            logp = torch.log_softmax(model(**_extend(inputs, tokens[:, :t])).logits[:, -1], -1)
+            logp = torch.log_softmax(model(**extend_inputs(inputs, tokens[:, :t])).logits[:, -1], -1)
             logp_noimg = torch.log_softmax(
-                adapter.text_only_model()(**_extend(text, tokens[:, :t])).logits[:, -1], -1
+                adapter.text_only_model()(**extend_inputs(text, tokens[:, :t])).logits[:, -1], -1
             )
             want = _cfg(logp, logp_noimg, gamma)
             got = gen.logits[t]
