@@ -78,8 +78,9 @@ class VAR(Method):
        (e.g. BOS) text sinks. Positions are kept for the decode steps (generated tokens never are).
     2. Image-centric (head, query) pairs, per layer: the row's image attention is >= summ and the
        visual-sink share of it is <= rho; a row whose layer has no visual sink is left alone (the
-       official code does the same). Query rows: at prefill, the text tokens after the image (the
-       official code excludes the image tokens and what precedes the image); at decode, the new token.
+       official code does the same). Query rows: at prefill, the text tokens that follow the row's
+       first image token (the official code excludes the image tokens and what precedes the image);
+       at decode, the new token.
     3. In those pairs only, post-softmax: attention to every sink (visual and text) is multiplied by
        p and the freed mass goes to the non-sink image tokens in proportion to their attention, so
        rows still sum to 1. Other rows use fused sdpa; at decode only layers with a visual sink run
