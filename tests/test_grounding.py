@@ -161,3 +161,24 @@ def test_first_cell_maps_through_the_view_geometry(tmp_path, family, region):
     rows, cols = g["grid"]
     x0, y0, x1, y1 = region
     assert g["point"] == pytest.approx([x0 + (x1 - x0) / cols / 2, y0 + (y1 - y0) / rows / 2], abs=0.01)
+
+
+def test_observer_reads_the_answering_row_when_rows_come_in_chunks(tmp_path, monkeypatch):
+    """PointAt asks for every row; with 8-row chunks the prompt spans several chunks, yet the map
+    (and the hit) must be the same as with one chunk."""
+    from attnkit.hooks import dispatch
+
+    model, _ = _tiny("llava")
+    ann = _coco(tmp_path, [[0, 0, 20, 15], [44, 33, 20, 15]])
+
+    def run(out):
+        run_task(GroundingTask(ann, layers=[1]), model, testing.tiny_processor("llava"), [PointAt(which="first")],
+                 tmp_path / out, RunSettings(progress=False, batch_size=2, max_new_tokens=3), print_summary=False)
+        return [json.loads(x)["grounding"] for x in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+
+    whole = run("whole")
+    monkeypatch.setattr(dispatch, "CHUNK_ROWS", 8)
+    chunked = run("chunked")
+    assert chunked[0]["hit"] is True and chunked[1]["hit"] is False
+    for a, b in zip(whole, chunked):
+        assert a["point"] == b["point"] and a["mass"] == pytest.approx(b["mass"], abs=1e-5)

@@ -58,8 +58,19 @@ class AnswerAttention(Method):
         return torch.tensor([ctx.q_len - 1]) if ctx.q_len > 1 else None
 
     def observe(self, ctx: Any, layer: int, probs: torch.Tensor) -> None:
-        row = probs[:, :, -1, : self.prompt_len].float().mean(1)  # (B, prompt_len)
-        self.steps[-1] += row.cpu()
+        # The eager path may hand over the rows in several chunks (when another method asks for
+        # every row): only the chunk holding the answering row (the forward's last) counts.
+        rows = ctx.query_rows
+        last = ctx.q_len - 1
+        if rows is not None:
+            hit = (rows == last).nonzero()
+            if hit.numel() == 0:
+                return
+            index = int(hit[0, 0])
+        else:
+            index = probs.shape[2] - 1
+        row = probs[:, :, index, : self.prompt_len].float().mean(1)  # (B, <= prompt_len)
+        self.steps[-1][:, : row.shape[1]] += row.cpu()
         self.layer_counts[-1] += 1
 
     def maps(self, lengths: list[int]) -> list[torch.Tensor]:
