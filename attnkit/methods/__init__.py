@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from .act import ACT, ACTConfig
 from .base import Method, MethodConfig, check_int, check_range
+from .hiprune import HiPrune, HiPruneConfig
 from .identity import Identity, IdentityConfig
 from .pai import PAI, PAIConfig
 from .var import VAR, VARConfig
+from .visionzip import VisionZip, VisionZipConfig
 from .registry import get_method_class, list_methods, make_method, register
 
 __all__ = [
     "ACT",
     "ACTConfig",
+    "HiPrune",
+    "HiPruneConfig",
     "Identity",
     "IdentityConfig",
     "Method",
@@ -20,6 +24,8 @@ __all__ = [
     "PAIConfig",
     "VAR",
     "VARConfig",
+    "VisionZip",
+    "VisionZipConfig",
     "check_int",
     "check_range",
     "get_method_class",

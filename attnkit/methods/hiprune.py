@@ -1,0 +1,143 @@
+"""HiPrune: keep anchor, buffer and register tokens chosen by the vision encoder's hierarchical attention.
+
+Liu, Du, Zhu, Lian, Li, Chen. "HiPrune: Training-Free Visual Token Pruning via Hierarchical
+Attention in Vision-Language Models." arXiv:2508.00553, 2025. Official code:
+github.com/Danielement321/HiPrune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import MethodArgumentError
+from .base import MethodConfig, check_int, check_range
+from .registry import register
+from .vision_side import VisionPlan, VisionPruner, VisionStats
+
+#: Official object layers (1-based) and the encoder depth they were set for, per family. Source: the
+#: official README's hyper-parameter table and bench_llava.sh (HIPRUNE_OBJECT_LAYER=9 for
+#: LLaVA-1.5's CLIP ViT-L/14-336, 24 layers; also 9 for LLaVA-NeXT and 16 for Qwen2.5-VL's 32-layer
+#: ViT, families this toolkit does not prune). Gemma3 (SigLIP) has no official value: CLIP's 9/24 is
+#: used, rescaled to the tower's depth like every default (SigLIP-So400m, 27 layers: 10).
+OBJECT_LAYER: dict[str, tuple[int, int]] = {"llava": (9, 24), "gemma3": (9, 24)}
+
+
+def default_object_layer(family: str, depth: int) -> int:
+    """The family's official object layer, rescaled to an encoder of ``depth`` layers (1-based)."""
+    layer, of = OBJECT_LAYER[family]
+    return layer if depth == of else min(depth, max(1, round(layer * depth / of)))
+
+
+def anchor_count(budget: int, alpha: float) -> int:
+    """Anchors per image: round(budget * alpha / 5) (each anchor brings up to 4 buffers)."""
+    return round(budget * alpha / 5)
+
+
+def hiprune_select(
+    object_attn: torch.Tensor, output_attn: torch.Tensor, budget: int, alpha: float, width: int
+) -> torch.Tensor:
+    """(B, budget) sorted indices of the kept tokens, from (B, N) attention at the object and output layers.
+
+    As the official ``llava_arch.py`` ``encode_images``: anchors = the top ``round(budget*alpha/5)``
+    tokens by object-layer attention; buffers = each anchor's index -1, +1, -width, +width, clamped
+    to [0, N-1] (row ends are not special-cased); registers = the top remaining tokens by output-layer
+    attention, as many as fill the budget.
+    """
+    bsz, n = object_attn.shape
+    k = anchor_count(budget, alpha)
+    out = []
+    for b in range(bsz):
+        anchors = object_attn[b].topk(k).indices
+        near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1)
+        chosen = torch.zeros(n, dtype=torch.bool, device=object_attn.device)
+        chosen[near] = True
+        rest = budget - int(chosen.sum())
+        registers = output_attn[b].masked_fill(chosen, float("-inf")).topk(rest).indices
+        chosen[registers] = True
+        out.append(chosen.nonzero().flatten())
+    return torch.stack(out)
+
+
+@dataclasses.dataclass
+class HiPruneConfig(MethodConfig):
+    """budget: tokens kept per image; alpha: share of the budget for anchors and their buffers;
+    object_layer: 1-based vision layer of the anchors (None: the family's default)."""
+
+    budget: int = 192
+    alpha: float = 0.1
+    object_layer: int | None = None
+
+    def validate(self) -> None:
+        check_int("hiprune", "budget", self.budget, 1, None)
+        check_range("hiprune", "alpha", self.alpha, 0.0, 1.0)
+        if self.object_layer is not None:
+            check_int("hiprune", "object_layer", self.object_layer, 1, None)
+        if 5 * anchor_count(self.budget, self.alpha) > self.budget:
+            raise MethodArgumentError(
+                f"hiprune: alpha={self.alpha!r} gives {anchor_count(self.budget, self.alpha)} anchors, whose "
+                f"buffers could exceed budget={self.budget}; lower alpha"
+            )
+
+
+@register
+class HiPrune(VisionPruner):
+    """HiPrune (Liu et al., 2025): each image reaches the LLM as ``budget`` tokens, in their original order.
+
+    Attention is the "global" attention of the official code: probabilities averaged over heads and
+    over every query ([CLS] row included), [CLS] column left out; computed from the layers' q/k
+    projections. Anchors: the top ``round(budget * alpha / 5)`` tokens at the object-centric middle
+    layer ``object_layer`` (1-based, i.e. encoder layer index ``object_layer - 1``); buffers: each
+    anchor's neighbours at +-1 and +-grid width (clamped to the image, duplicates counted once);
+    registers: the rest of the budget, by attention at the output layer, the layer whose features
+    the projector takes (LLaVA-1.5: ``vision_feature_layer`` -2; Gemma3: the last layer). Tokens
+    keep their grid order. A budget >= the image's token count leaves the model unchanged.
+
+    Families: ``llava`` (LLaVA-1.5, CLIP, "default" strategy) and ``gemma3`` (SigLIP; selection on the
+    projector's pooled cells, a cell's attention the mean over its patches as the official Qwen2.5-VL
+    code averages over each 2x2 merge group, the grid width that of the pooled grid). Other families
+    raise UnsupportedModelError at wrap().
+
+    Defaults (official README table, bench_llava.sh): ``budget=192`` (the README's LLaVA-1.5 settings
+    are 192/128/64 tokens per image), ``alpha=0.1``, ``object_layer`` 9 for CLIP ViT-L/14 (24
+    layers); see ``OBJECT_LAYER``. For towers of another depth the default is rescaled,
+    ``round(9 * depth / 24)`` (at least 1); an explicit ``object_layer`` is used as given and must
+    be within the tower. ``self.report`` (a PruneReport) describes the last prompt.
+    """
+
+    name = "hiprune"
+    Config = HiPruneConfig
+
+    def check_plan(self, plan: VisionPlan) -> None:
+        depth = len(plan.layers)
+        if self.config.object_layer is not None and self.config.object_layer > depth:
+            raise MethodArgumentError(
+                f"hiprune: object_layer={self.config.object_layer} is out of range [1, {depth}] "
+                f"for this {depth}-layer vision encoder"
+            )
+
+    def object_index(self, plan: VisionPlan) -> int:
+        """0-based encoder layer of the anchors."""
+        layer = self.config.object_layer
+        if layer is None:
+            layer = default_object_layer(plan.family, len(plan.layers))
+        return layer - 1
+
+    def keep_count(self, n: int) -> int:
+        return self.config.budget
+
+    def stat_layers(self, plan: VisionPlan) -> list[int]:
+        return [self.object_index(plan), plan.feature_layer]
+
+    def reduce(
+        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan
+    ) -> torch.Tensor:
+        idx = hiprune_select(
+            stats[self.object_index(plan)].mean_attn,
+            stats[plan.feature_layer].mean_attn,
+            self.config.budget,
+            self.config.alpha,
+            plan.side,
+        )
+        return tokens.gather(1, idx.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1]))

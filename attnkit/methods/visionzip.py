@@ -1,0 +1,116 @@
+"""VisionZip: keep the dominant image tokens, merge the rest into a few contextual tokens.
+
+Yang, Chen, Tian, Zhong, Jia. "VisionZip: Longer is Better but Not Necessary in Vision Language
+Models." CVPR 2025. Official code: github.com/dvlab-research/VisionZip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .base import MethodConfig, check_int
+from .registry import register
+from .vision_side import VisionPlan, VisionPruner, VisionStats
+
+
+@dataclasses.dataclass
+class VisionZipConfig(MethodConfig):
+    """dominant: tokens kept by attention per image ([CLS] included when the encoder has one);
+    contextual: tokens the remaining ones are merged into, per image."""
+
+    dominant: int = 54
+    contextual: int = 10
+
+    def validate(self) -> None:
+        check_int("visionzip", "dominant", self.dominant, 1, None)
+        check_int("visionzip", "contextual", self.contextual, 0, None)
+
+
+def visionzip_merge(
+    tokens: torch.Tensor,
+    score: torch.Tensor,
+    keys: torch.Tensor,
+    n_dominant: int,
+    n_contextual: int,
+    cls: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """VisionZip's token reduction for a batch of images.
+
+    tokens (B, N, D) hidden states, score (B, N) attention used to rank them, keys (B, N, d) the
+    similarity metric (head-averaged keys); returns (B, [1 +] n_dominant + n_contextual, D): the
+    optional ``cls`` first, then the ``n_dominant`` top-scored tokens in their original order, then the
+    contextual tokens. Contextual step (official ``clip_encoder.py``): the remaining R tokens, in
+    original order, are L2-normalised on their keys; targets are every ``max(1, R // C)``-th of them
+    (the first C); each other token goes to the target of highest cosine similarity; a contextual
+    token is its target's hidden state plus the mean of the hidden states assigned to it.
+    """
+    bsz, n, dim = tokens.shape
+    top = score.topk(n_dominant, dim=1).indices
+    is_dom = torch.zeros(bsz, n, dtype=torch.bool, device=tokens.device).scatter_(1, top, True)
+    dominant = tokens[is_dom].view(bsz, n_dominant, dim)
+    parts = [] if cls is None else [cls[:, None, :]]
+    parts.append(dominant)
+    if n_contextual > 0:
+        rest = n - n_dominant
+        hidden = tokens[~is_dom].view(bsz, rest, dim)
+        metric = keys[~is_dom].view(bsz, rest, keys.shape[-1])
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        step = max(1, rest // n_contextual)
+        targets = torch.arange(0, rest, step, device=tokens.device)[:n_contextual]
+        others = torch.ones(rest, dtype=torch.bool, device=tokens.device)
+        others[targets] = False
+        sim = torch.bmm(metric[:, others], metric[:, targets].transpose(1, 2))  # (B, R - C, C)
+        assign = torch.zeros_like(sim, dtype=hidden.dtype).scatter_(2, sim.argmax(dim=2, keepdim=True), 1.0)
+        counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (B, C, 1)
+        merged = torch.bmm(assign.transpose(1, 2), hidden[:, others]) / counts
+        parts.append(hidden[:, targets] + merged)
+    return torch.cat(parts, dim=1)
+
+
+@register
+class VisionZip(VisionPruner):
+    """VisionZip (Yang et al., CVPR 2025): each image reaches the LLM as ``dominant + contextual`` tokens.
+
+    At the vision-encoder layer whose output the projector takes (LLaVA-1.5: ``vision_feature_layer``
+    -2, the penultimate layer; Gemma3: the last layer), the attention probabilities are computed from
+    that layer's q/k projections. Dominant tokens: with a [CLS] token (CLIP), [CLS] itself plus the
+    ``dominant - 1`` patches with the highest [CLS] attention summed over heads, as the official code
+    does (``visionzip(model, dominant=54)`` keeps [CLS] + 53 patches, and the LLM sees [CLS] although
+    LLaVA's "default" strategy otherwise drops it); without [CLS] (SigLIP) the ``dominant`` tokens
+    that receive the most attention averaged over all queries. The remaining tokens are merged into
+    ``contextual`` tokens by key similarity (see ``visionzip_merge``). The LLM sees dominant tokens
+    (original order) then contextual tokens, per image; each image's placeholder run in input_ids is
+    shortened to that count and the shortened prompt has contiguous positions.
+
+    Families: ``llava`` (LLaVA-1.5, CLIP, "default" strategy) and ``gemma3`` (SigLIP; ranking and
+    merging run on the projector's pooled cells: a cell's score and key are the mean over its
+    patches, its hidden state is the pooled feature entering the projector's norm; not in the
+    official code, which covers LLaVA-family CLIP towers). Other families raise
+    UnsupportedModelError at wrap().
+
+    Defaults: ``dominant=54, contextual=10`` (64 tokens per image), the official README's example
+    (``visionzip(model, dominant=54, contextual=10)``); the paper's other LLaVA-1.5 settings are
+    108+20 (128 tokens) and 162+30 (192). ``dominant + contextual >=`` the image's token count leaves
+    the model unchanged. ``self.report`` (a PruneReport) describes the last prompt.
+    """
+
+    name = "visionzip"
+    Config = VisionZipConfig
+
+    def keep_count(self, n: int) -> int:
+        return self.config.dominant + self.config.contextual
+
+    def stat_layers(self, plan: VisionPlan) -> list[int]:
+        return [plan.feature_layer]
+
+    def reduce(
+        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan
+    ) -> torch.Tensor:
+        st = stats[plan.feature_layer]
+        if cls is not None:
+            return visionzip_merge(
+                tokens, st.cls_attn, st.keys, self.config.dominant - 1, self.config.contextual, cls=cls
+            )
+        return visionzip_merge(tokens, st.mean_attn, st.keys, self.config.dominant, self.config.contextual)
