@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..errors import AlreadyWrappedError, UnsupportedModelError
+from ..errors import AlreadyWrappedError, MethodArgumentError, UnsupportedModelError
 from . import dispatch
 from .branch import TextBranch
 from .context import ForwardContext
@@ -76,6 +76,7 @@ class Handle:
         self._marked: list[torch.nn.Module] = []
         self._saved_impl: list[tuple[Any, Any]] = []
         self._routes: list[list[Method]] = [[] for _ in range(adapter.num_layers)]
+        self._gathered: dict = {}  # drop mode: the layer inputs gathered in this forward
         self._branch = TextBranch(adapter) if any(m.text_branch for m in self.methods) else None
         self.removed = False
         self._install()
@@ -161,6 +162,7 @@ class Handle:
 
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         ctx = self.ctx
+        ctx.enter_layer(-1)  # the whole-sequence view, if the last forward ended in a dropped layer's
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         attn = kwargs.get("attention_mask")
@@ -207,23 +209,145 @@ class Handle:
             ctx.is_prefill = False
             ctx.step += 1
         ctx.branch_rows = main_batch if self._branch is not None else 0
+        if ctx.is_prefill:
+            ctx.prompt_len = q_len
+            ctx.drops = []
+        ctx.begin()
+        self._gathered = {}
         for m in self.methods:
             m.begin_forward(ctx)
         self._route(ctx)
         return changed
 
     def _make_select_hook(self, layer: int):
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            ctx = self.ctx
+            ctx.enter_layer(layer)
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.ctx.layer = layer
-            for m in self.methods:
-                if m.select is None:
-                    continue
-                keep = m.select(self.ctx, layer, hidden)
-                if keep is not None:
-                    self.ctx.keep.append((layer, keep.to(device=hidden.device, dtype=torch.bool)))
+            dropped = False
+            if ctx.is_prefill:
+                for m in self.methods:
+                    if m.select is None:
+                        continue
+                    keep = m.select(ctx, layer, hidden)
+                    if keep is None:
+                        continue
+                    keep = keep.to(device=hidden.device, dtype=torch.bool)
+                    if m.drops_tokens:
+                        hidden = self._drop(m, layer, hidden, keep)
+                        dropped = True
+                    else:
+                        ctx.keep.append((layer, self._original_keep(layer, keep)))
+            pos = ctx.positions_for_layer(layer)
+            if pos is None:
+                return None
+            return self._shrink_layer_inputs(args, kwargs, hidden if dropped else None, pos)
 
         return hook
+
+    # -- token dropping (see ForwardContext.enter_layer) ---------------------------------------
+    def _original_keep(self, layer: int, keep: torch.Tensor) -> torch.Tensor:
+        """A mask-mode keep over the layer's (possibly compacted) keys -> over original prompt positions."""
+        ctx = self.ctx
+        keep = keep[:, : ctx.prompt_len]
+        pos = ctx.positions_for_layer(layer)
+        if pos is None:
+            return keep
+        full = keep.new_ones(keep.shape[0], ctx.prompt_len)
+        return full.scatter(1, pos.to(keep.device), keep)
+
+    def _drop(self, method: Method, layer: int, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Remove the rows of ``hidden`` that ``keep`` (B, n) leaves out, from ``layer`` on."""
+        ctx = self.ctx
+        if ctx.branch_rows:
+            raise MethodArgumentError(
+                f"{method.name}: mode='drop' cannot run with a method that adds image-free branch rows "
+                "(PAI's cfg_gamma); use mode='mask'"
+            )
+        if layer < self.adapter.first_droppable_layer:
+            raise MethodArgumentError(
+                f"{method.name}: cannot drop tokens before layer {layer} of {self.adapter.family} "
+                f"(the model adds image features to the hidden states up to layer "
+                f"{self.adapter.first_droppable_layer - 1}); use a later layer or mode='mask'"
+            )
+        window = getattr(self.adapter.text_config, "sliding_window", None)
+        types = getattr(self.adapter.text_config, "layer_types", None) or []
+        if window and "sliding_attention" in types[layer:] and ctx.prompt_len >= window:
+            raise UnsupportedModelError(self._window_message(method.name, window, ctx.prompt_len))
+        keep = keep[:, : hidden.shape[1]]
+        counts = keep.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise MethodArgumentError(
+                f"{method.name}: rows keep different numbers of tokens ({counts.tolist()}) at layer {layer}; "
+                "drop mode needs equal counts so the batch stays rectangular"
+            )
+        bsz, n = keep.shape[0], int(counts[0])
+        local = keep.nonzero()[:, 1].view(bsz, n)
+        cur = ctx.positions_for_layer(layer)
+        if cur is None:
+            cur = torch.arange(ctx.prompt_len, device=local.device).expand(bsz, -1)
+        ctx.drops.append((layer, cur.to(local.device).gather(1, local)))
+        ctx.enter_layer(layer)
+        return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def _window_message(self, names: str, window: int, length: int) -> str:
+        return (
+            f"{names}: mode='drop' on {self.adapter.family} works only while the sequence fits in its "
+            f"sliding window ({window} tokens; this one has {length}); use mode='mask'"
+        )
+
+    def _shrink_layer_inputs(
+        self, args: tuple, kwargs: dict, hidden: torch.Tensor | None, pos: torch.Tensor
+    ) -> tuple[tuple, dict]:
+        """The decoder layer's inputs for the kept positions: its hidden states (when this layer
+        dropped rows), attention mask, rotary embeddings and position ids, each gathered once per
+        forward and drop stage."""
+        ctx = self.ctx
+        cache = self._gathered
+        kwargs = dict(kwargs)
+        if hidden is not None:
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        for key in ("attention_mask", "position_embeddings", "position_ids"):
+            value = kwargs.get(key)
+            if value is None:
+                continue
+            tag = (key, id(value), id(pos))
+            if tag not in cache:
+                cache[tag] = (value, self._gather_input(key, value, pos))  # holds value so its id stays its own
+            kwargs[key] = cache[tag][1]
+        return args, kwargs
+
+    def _gather_input(self, key: str, value: Any, pos: torch.Tensor) -> Any:
+        ctx = self.ctx
+        bsz, n = pos.shape
+        if key == "position_embeddings":
+            return tuple(self._gather_input("rotary", v, pos) for v in value)
+        if not ctx.is_prefill and key != "attention_mask":
+            return value  # the new tokens are all kept: their rows are unchanged
+        pos = pos.to(value.device)
+        if key == "rotary":  # (..., B|1, q, dim): rows along -2
+            x = value.expand(*value.shape[:-3], bsz, *value.shape[-2:])
+            idx = pos.view(*(1,) * (x.dim() - 3), bsz, n, 1).expand(*x.shape[:-2], n, x.shape[-1])
+            return x.gather(-2, idx)
+        if key == "position_ids":  # (..., B|1, q)
+            x = value.expand(*value.shape[:-2], bsz, value.shape[-1])
+            return x.gather(-1, pos.view(*(1,) * (x.dim() - 2), bsz, n).expand(*x.shape[:-1], n))
+        # attention mask (B|1, 1|H, q, kv): rows (prefill) and key columns
+        if value.dim() != 4:
+            raise UnsupportedModelError(f"{self.adapter.family}: cannot drop tokens with a {value.dim()}-D attention mask")
+        total = ctx.full["past_len"] + ctx.full["q_len"]
+        if value.shape[-1] != total:
+            names = ",".join(m.name for m in self.methods if m.drops_tokens)
+            window = getattr(self.adapter.text_config, "sliding_window", None) or value.shape[-1]
+            raise UnsupportedModelError(self._window_message(names, window, total))
+        x = value.expand(bsz, *value.shape[1:])
+        if ctx.is_prefill:
+            x = x.gather(2, pos.view(bsz, 1, n, 1).expand(bsz, x.shape[1], n, x.shape[3]))
+        cols = ctx.kv_index(pos)
+        return x.gather(3, cols.view(bsz, 1, 1, -1).expand(bsz, x.shape[1], x.shape[2], cols.shape[1]))
 
     def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         logits = getattr(output, "logits", None)

@@ -72,9 +72,14 @@ class Method:
     indices among this forward's new tokens) and the key columns [0, K'), K' <= ``ctx.kv_len``:
     slice per-column masks with ``[..., :probs.shape[-1]]``. ``ctx.visible`` says which of those
     keys each row may attend to.
-    - ``select(ctx, layer, hidden) -> keep | None``: called before decoder layer ``layer`` with its
-      input hidden states (B, q, d); a returned (B, S_kv) bool tensor masks the dropped key
-      positions in this and every later layer (pruning).
+    - ``select(ctx, layer, hidden) -> keep | None``: called at prefill before decoder layer ``layer``
+      with its input hidden states (B, q, d); a returned (B, q) bool tensor says which prompt
+      positions stay from this layer on (pruning). With ``drops_tokens`` False they are masked out
+      as keys of this and every later layer; with it True they are removed: hidden states,
+      attention mask, rotary embeddings, position ids and the KV cache of the later layers shrink
+      (every row must keep the same count). After a drop, the context describes each layer's own
+      compacted sequence (``ForwardContext.enter_layer``), so every callback of a later layer sees
+      only the kept tokens.
     - ``logits(ctx, logits) -> logits``: rewrite the model's output logits (decoding-level methods).
 
     ``layers(ctx)`` says which layers need the eager path (None = all); ``rows(ctx, layer)`` which
@@ -89,6 +94,8 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: Set (on the class or the instance) to run the image-free branch rows alongside the batch.
     text_branch: bool = False
+    #: Set when ``select`` removes tokens (drop mode) instead of masking them.
+    drops_tokens: bool = False
 
     scores = None
     collect = None

@@ -65,6 +65,12 @@ class Adapter:
     #: Whether image tokens lie on a spatial grid (False for InstructBLIP's Q-Former queries).
     has_image_grid: ClassVar[bool] = True
 
+    @property
+    def first_droppable_layer(self) -> int:
+        """The first decoder layer before which tokens may be dropped (pruning in drop mode): later
+        than 0 for models that add image features to the hidden states inside the first layers."""
+        return 0
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.config = model.config

@@ -149,6 +149,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
 
+    @property
+    def first_droppable_layer(self) -> int:
+        # DeepStack adds vision features to the image positions' hidden states after each of the
+        # first len(deepstack_visual_indexes) decoder layers
+        return len(getattr(self.config.vision_config, "deepstack_visual_indexes", ()) or ())
+
 
 class InstructBlipAdapter(Adapter):
     """InstructBLIP: num_query_tokens Q-Former outputs in front of the prompt; no spatial grid.
