@@ -29,9 +29,12 @@ def image_id(model) -> int:
 
 
 def suppressed_argmax(model, logits_last: torch.Tensor) -> torch.Tensor:
-    """Greedy choice as generate makes it (the tiny models suppress their multimodal tokens)."""
+    """Greedy choice as generate makes it: the tiny models suppress their multimodal tokens, and
+    ``greedy`` sets min_new_tokens, which suppresses EOS."""
     out = logits_last.clone()
-    out[..., list(model.generation_config.suppress_tokens or [])] = float("-inf")
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    out[..., list(model.generation_config.suppress_tokens or []) + eos] = float("-inf")
     return out.argmax(-1)
 
 
@@ -240,3 +243,34 @@ def test_remove_restores_exact_original(family):
     assert hook_counts(model) == before_hooks
     assert torch.equal(logits(model, inputs), before_logits)
     assert torch.equal(greedy(model, inputs), before_tokens)
+
+
+@pytest.mark.parametrize("method", [VisionZip(dominant=3, contextual=2), "hiprune"])
+def test_rows_with_different_image_counts(method):
+    """Two back-to-back images in row 0, one in row 1: rows drop different numbers of placeholders, so the
+    pruned batch is left-padded again; each row still equals itself alone, cached == recomputed."""
+    from attnkit.methods import HiPrune
+
+    method = HiPrune(budget=6, alpha=0.5) if method == "hiprune" else method
+    kept = 5 if isinstance(method, VisionZip) else 6
+    model, _ = tiny("llava")
+    processor = testing.tiny_processor("llava")
+    texts = ["USER: <image>\n<image>\nAre they the same? ASSISTANT:", "USER: <image>\nIs there a dog? ASSISTANT:"]
+    inputs = dict(processor(text=texts, images=testing.sample_images(3), padding=True, return_tensors="pt"))
+    with attnkit.wrap(model, method):
+        rec = LMInputs(model)
+        try:
+            tokens = greedy(model, inputs, n=6)
+        finally:
+            rec.remove()
+        assert (rec.ids[0] == image_id(model)).sum(1).tolist() == [2 * kept, kept]
+        assert method.report.image_tokens == 2 * N_IMAGE and method.report.image_kept_per_layer[0] == 2 * kept
+        batch_logits = logits(model, inputs)
+        for r, images in ((0, slice(0, 2)), (1, slice(2, 3))):
+            alone = row_alone(inputs, r)
+            alone["pixel_values"] = inputs["pixel_values"][images]
+            assert torch.equal(greedy(model, alone, n=6)[0], tokens[r])
+            torch.testing.assert_close(logits(model, alone)[0, -1], batch_logits[r, -1], atol=1e-4, rtol=0)
+        for i in range(6):
+            full = logits(model, extend_inputs(inputs, tokens[:, :i]))
+            assert torch.equal(suppressed_argmax(model, full[:, -1]), tokens[:, i]), i

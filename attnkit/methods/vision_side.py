@@ -259,11 +259,13 @@ class VisionPruner(Method):
     def _shrink_prompt(self, kwargs: dict) -> dict:
         input_ids = kwargs["input_ids"]
         bsz, seq = input_ids.shape
-        spans = self._adapter.image_spans(input_ids, kwargs)
-        sizes = {e - s for row in spans for s, e in row}
         n = self._plan.side * self._plan.side
-        if sizes - {n}:
-            raise InputError(f"{self.name}: image runs of {sorted(sizes)} tokens, expected {n} per image")
+        # runs of placeholders; back-to-back images (one run) are cut into images of n tokens each
+        runs = self._adapter.split_spans(input_ids, None)
+        bad = sorted({e - s for row in runs for s, e in row if (e - s) % n})
+        if bad:
+            raise InputError(f"{self.name}: image runs of {bad} tokens, expected multiples of {n} (one image = {n})")
+        spans = [[(p, p + n) for s, e in row for p in range(s, e, n)] for row in runs]
         kept = self.keep_count(n)
         lm_layers = self._adapter.num_layers
         real = kwargs.get("attention_mask")
