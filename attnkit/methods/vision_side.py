@@ -10,9 +10,12 @@ torch hooks, all installed in ``attach`` and removed in ``detach``:
   projections (vision towers run fused sdpa, which returns no weights), the attention probabilities
   of that layer and keeps the statistics the methods use (the [CLS] row summed over heads, the mean
   over queries, the head-averaged keys);
-- a hook where the image features reach the projector replaces them with the reduced tokens
-  (LLaVA: the vision tower's output hidden state at ``vision_feature_layer``; Gemma3: the pooled
-  features entering the projector's soft-embedding norm);
+- a forward pre-hook where the image features enter the projector replaces them with the reduced
+  tokens (LLaVA: the multi-modal projector, whose input is the ``vision_feature_layer`` output
+  without [CLS]; a forward hook on the tower keeps that layer's [CLS] state, which VisionZip puts
+  first; Gemma3: the pooled features entering the projector's soft-embedding norm). These hooks act
+  whenever the model encodes images, also when generate() encodes them before the first forward
+  (transformers 5 passes ``mm_encoder_outputs`` instead of ``pixel_values`` then);
 - a forward pre-hook on the top-level model shrinks every image's run of placeholder tokens to the
   kept count (input_ids, attention_mask, token_type_ids and every other per-token tensor, position
   ids made contiguous), and at each decode step of generate() rewrites the full-length attention
@@ -151,12 +154,15 @@ class VisionPruner(Method):
         self._plan, self._adapter = plan, adapter
         self._stats, self._state, self._cls, self.report = {}, None, None, None
         model = handle.model
+        prunes = self.keep_count(plan.side * plan.side) < plan.side * plan.side
         try:
-            for i in sorted(set(self.stat_layers(plan))):
+            for i in sorted(set(self.stat_layers(plan))) if prunes else []:
                 attn = plan.layers[i].self_attn
                 self._hooks.append(attn.register_forward_pre_hook(self._stat_hook(i), with_kwargs=True))
             projector = model.model.multi_modal_projector
-            if plan.family == "llava":
+            if not prunes:  # every image keeps all its tokens: no vision hooks at all
+                pass
+            elif plan.family == "llava":
                 self._hooks.append(adapter.vision_tower().register_forward_hook(self._on_tower_output))
                 self._hooks.append(projector.register_forward_pre_hook(self._on_projector_input))
             else:
