@@ -23,7 +23,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import AlreadyWrappedError, MethodArgumentError, UnsupportedModelError
-from . import dispatch
+from . import capture, dispatch
 from .branch import TextBranch
 from .context import ForwardContext
 
@@ -76,6 +76,7 @@ class Handle:
         self._marked: list[torch.nn.Module] = []
         self._saved_impl: list[tuple[Any, Any]] = []
         self._routes: list[list[Method]] = [[] for _ in range(adapter.num_layers)]
+        self._layer: tuple | None = None  # during select callbacks: (decoder layer, positions, its inputs)
         self._gathered: dict = {}  # drop mode: the layer inputs gathered in this forward
         self._branch = TextBranch(adapter) if any(m.text_branch for m in self.methods) else None
         self.removed = False
@@ -224,26 +225,42 @@ class Handle:
             ctx = self.ctx
             ctx.enter_layer(layer)
             hidden = args[0] if args else kwargs["hidden_states"]
+            pos = ctx.positions_for_layer(layer)
             dropped = False
             if ctx.is_prefill:
-                for m in self.methods:
-                    if m.select is None:
-                        continue
-                    keep = m.select(ctx, layer, hidden)
-                    if keep is None:
-                        continue
-                    keep = keep.to(device=hidden.device, dtype=torch.bool)
-                    if m.drops_tokens:
-                        hidden = self._drop(m, layer, hidden, keep)
-                        dropped = True
-                    else:
-                        ctx.keep.append((layer, self._original_keep(layer, keep)))
-            pos = ctx.positions_for_layer(layer)
+                self._layer = (module, pos, kwargs if pos is None else self._shrink_layer_inputs((), kwargs, None, pos)[1])
+                try:
+                    for m in self.methods:
+                        if m.select is None:
+                            continue
+                        keep = m.select(ctx, layer, hidden)
+                        if keep is None:
+                            continue
+                        keep = keep.to(device=hidden.device, dtype=torch.bool)
+                        if m.drops_tokens:
+                            hidden = self._drop(m, layer, hidden, keep)
+                            dropped = True
+                            self._layer = None
+                        else:
+                            ctx.keep.append((layer, self._original_keep(layer, keep)))
+                finally:
+                    self._layer = None
+                pos = ctx.positions_for_layer(layer)
             if pos is None:
                 return None
             return self._shrink_layer_inputs(args, kwargs, hidden if dropped else None, pos)
 
         return hook
+
+    def layer_attention(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """From a ``select`` callback: (B, H, r, K) fp32 attention probabilities of the query ``rows``
+        that the layer about to run would compute for ``hidden`` (its own Q/K, mask and RoPE, and the
+        keys masked by earlier mask-mode pruning). Computes no attention output and writes no cache."""
+        if self._layer is None:
+            raise RuntimeError("layer_attention() can only be called from a select() callback, before any drop")
+        module, _, kwargs = self._layer
+        keep = self.ctx.keep_for_layer(self.ctx.layer) if self.ctx.keep else None
+        return capture.layer_attention(self.adapter.text_config, module, hidden, kwargs, rows, keep)
 
     # -- token dropping (see ForwardContext.enter_layer) ---------------------------------------
     def _original_keep(self, layer: int, keep: torch.Tensor) -> torch.Tensor:

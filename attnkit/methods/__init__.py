@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .act import ACT, ACTConfig
 from .base import Method, MethodConfig, check_int, check_range
+from .fastv import FastV, FastVConfig
 from .hiprune import HiPrune, HiPruneConfig
 from .identity import Identity, IdentityConfig
 from .pai import PAI, PAIConfig
+from .pdrop import PyramidDrop, PyramidDropConfig
 from .var import VAR, VARConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .registry import get_method_class, list_methods, make_method, register
@@ -14,6 +16,8 @@ from .registry import get_method_class, list_methods, make_method, register
 __all__ = [
     "ACT",
     "ACTConfig",
+    "FastV",
+    "FastVConfig",
     "HiPrune",
     "HiPruneConfig",
     "Identity",
@@ -22,6 +26,8 @@ __all__ = [
     "MethodConfig",
     "PAI",
     "PAIConfig",
+    "PyramidDrop",
+    "PyramidDropConfig",
     "VAR",
     "VARConfig",
     "VisionZip",

@@ -18,6 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ..errors import MethodArgumentError
+from .base import Method
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -85,3 +90,90 @@ class PruneReport:
             "image_kept_per_layer": list(self.image_kept_per_layer),
             "flops_ratio": self.flops_ratio,
         }
+
+
+# -- LLM-side pruning methods: the part FastV, PyramidDrop and SparseVLM share ------------------------
+MODES = ("drop", "mask")
+
+
+def check_mode(method: str, mode: Any) -> None:
+    if mode not in MODES:
+        raise MethodArgumentError(f"{method}: mode={mode!r} must be one of {', '.join(MODES)}")
+
+
+def keep_top(scores: torch.Tensor, candidates: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """(B, q) keep mask: every non-candidate position, and per row the ``n_keep[b]`` candidates with
+    the highest ``scores`` (B, q). Rows drop the same number of candidates, the smallest any row would
+    drop, so that they keep equal counts (rows with equal candidate counts are unaffected)."""
+    counts = candidates.sum(1)
+    n_drop = int((counts - n_keep.to(counts.device)).clamp_min(0).min())
+    keep = torch.ones_like(candidates)
+    if n_drop == 0:
+        return keep
+    low = scores.float().masked_fill(~candidates, float("inf"))
+    drop = low.topk(n_drop, dim=1, largest=False).indices
+    return keep.scatter(1, drop, False)
+
+
+class PruningMethod(Method):
+    """Base of the LLM-side pruning methods: ``mode`` ("drop" removes tokens, "mask" masks them as keys;
+    both give the same logits on the kept positions) and a ``report`` of the last prefill."""
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._handle: Any = None
+        self._shape: LayerShape | None = None
+        self._stages: list[tuple[int, int, int]] = []  # (layer, tokens dropped, image tokens kept) per row
+        self._prompt = self._image = self._depth = 0
+
+    @property
+    def drops_tokens(self) -> bool:  # type: ignore[override]
+        return self.config.mode == "drop"
+
+    def attach(self, handle: Any) -> None:
+        self._handle = handle
+        self._shape = LayerShape.from_adapter(handle.adapter)
+        self._depth = handle.adapter.num_layers
+
+    def detach(self) -> None:
+        self._handle = None
+
+    def check_layer(self, field_name: str, layer: int, n_layers: int, first: int = 1) -> None:
+        """MethodArgumentError unless tokens can be dropped before ``layer`` of this model."""
+        if not first <= layer < n_layers:
+            raise MethodArgumentError(
+                f"{self.name}: {field_name} gives layer {layer}, out of range [{first}, {n_layers - 1}] for this "
+                f"{n_layers}-layer model"
+            )
+        adapter = self._handle.adapter
+        if self.drops_tokens and layer < adapter.first_droppable_layer:
+            raise MethodArgumentError(
+                f"{self.name}: {field_name} gives layer {layer}, but {adapter.family} adds image features to the "
+                f"hidden states up to layer {adapter.first_droppable_layer - 1}; use a later layer or mode='mask'"
+            )
+
+    def begin_forward(self, ctx: Any) -> None:
+        if ctx.is_prefill:
+            self._stages = []
+            self._prompt = ctx.q_len
+            image = ctx.image_mask
+            self._image = int(image.sum(1).max()) if image is not None and image.numel() else 0
+
+    def record(self, layer: int, keep: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Note a stage's selection for the report; returns ``keep``."""
+        self._stages.append((layer, int((~keep[0]).sum()), int((keep & image)[0].sum())))
+        return keep
+
+    @property
+    def report(self) -> PruneReport:
+        """What the last prompt went through (tokens per layer, per row, and the FLOPs ratio)."""
+        rep = PruneReport(method=self.name, full_tokens=self._prompt, image_tokens=self._image)
+        tokens, image = self._prompt, self._image
+        stages = {layer: (t, i) for layer, t, i in self._stages}
+        for layer in range(self._depth):
+            if layer in stages:
+                tokens -= stages[layer][0]
+                image = stages[layer][1]
+            rep.tokens_per_layer.append(tokens)
+            rep.image_kept_per_layer.append(image)
+        return rep.finish(self._shape) if self._shape is not None else rep

@@ -1,0 +1,79 @@
+"""Attention probabilities of a decoder layer computed on demand, from that layer's own Q and K.
+
+Pruning methods such as PyramidDrop rank the image tokens, just before a layer, by the attention
+that the layer itself would pay them, and then drop tokens before the layer runs. ``layer_attention``
+runs the layer's attention module on its input (after the layer's input norm) under a second
+attention function registered with transformers, ``attnkit_capture``, which computes softmax
+probabilities for the requested query rows only and returns a zero output. The module's own code
+makes Q and K (projections, q/k norms, RoPE or mRoPE), so this works for every family; nothing is
+written to the KV cache. The cost is the layer's projections over the prompt once, not its attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+NAME = "attnkit_capture"
+SPEC_ATTR = "_attnkit_capture"
+
+
+def _capture(module: torch.nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    spec: dict[str, Any] = getattr(module, SPEC_ATTR)
+    rows: torch.Tensor = spec["rows"].to(query.device)
+    bsz, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if scaling is None:
+        scaling = dim**-0.5
+    q = query[:, :, rows] * scaling
+    k = key.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else key
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    kv_len = key.shape[2]
+    if attention_mask is None:
+        visible = (torch.arange(kv_len, device=query.device)[None, :] <= rows[:, None])[None, None]
+    else:
+        mask = attention_mask[:, :, rows] if attention_mask.shape[2] > 1 else attention_mask
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    keep = spec.get("keep")
+    if keep is not None:
+        visible = visible & keep[:, None, None, :kv_len].to(visible.device)
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    spec["probs"] = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return query.new_zeros(bsz, q_len, heads, dim), None
+
+
+def register() -> None:
+    AttentionInterface.register(NAME, _capture)
+
+
+def layer_attention(
+    text_config: Any,
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    layer_kwargs: dict[str, Any],
+    rows: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, H, r, K) fp32 attention probabilities of ``rows`` at ``layer`` for its input ``hidden``,
+    with the layer's mask (and the mask-mode ``keep`` (B, K) when given)."""
+    attn = getattr(layer, "self_attn", None)
+    norm = getattr(layer, "input_layernorm", None)
+    if attn is None or norm is None:
+        raise TypeError(f"{type(layer).__name__} has no self_attn / input_layernorm")
+    register()
+    kwargs = {k: v for k, v in layer_kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+    saved = text_config._attn_implementation_internal
+    setattr(attn, SPEC_ATTR, {"rows": rows, "keep": keep})
+    try:
+        text_config._attn_implementation_internal = NAME
+        with torch.no_grad():
+            attn(hidden_states=norm(hidden), past_key_values=None, **kwargs)
+        return getattr(attn, SPEC_ATTR)["probs"]
+    finally:
+        text_config._attn_implementation_internal = saved
+        delattr(attn, SPEC_ATTR)
