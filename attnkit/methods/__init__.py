@@ -9,6 +9,7 @@ from .hiprune import HiPrune, HiPruneConfig
 from .identity import Identity, IdentityConfig
 from .pai import PAI, PAIConfig
 from .pdrop import PyramidDrop, PyramidDropConfig
+from .sparsevlm import SparseVLM, SparseVLMConfig
 from .var import VAR, VARConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .registry import get_method_class, list_methods, make_method, register
