@@ -392,3 +392,21 @@ def test_layers_that_do_not_fit_the_model():
             assert [layer for layer, _ in handle.ctx.drops] == [1, 2, 3]
         torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
     assert attnkit.methods.make_method("sparsevlm", budget=64).config.budget == 64
+
+
+def test_mask_mode_with_pai_cfg_rows():
+    """PAI's image-free CFG rows have no image tokens: mask mode prunes only the user's rows."""
+    model, inputs = _deep("llava")
+    n = _n_image(model, inputs)
+    seq = inputs["input_ids"].shape[1]
+    method = SparseVLM(budget=192, mode="mask")
+    with torch.no_grad(), attnkit.wrap(model, [method, PAI(cfg_gamma=1.1)]) as handle:
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        keeps = [keep.sum(1).tolist() for _, keep in handle.ctx.keep]
+    assert out.shape[1] == seq + 3
+    want = _hand_counts(192, n, True)
+    # each stage's keep masks the tokens that stage removes
+    assert keeps == [[seq - (prev - k)] * 2 + [seq] * 2 for prev, k in zip([n, *want], want)]
+    with pytest.raises(errors.MethodArgumentError, match="cannot run with a method that adds image-free"):
+        with torch.no_grad(), attnkit.wrap(model, [SparseVLM(), PAI(cfg_gamma=1.1)]):
+            model(**inputs)

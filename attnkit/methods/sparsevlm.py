@@ -201,8 +201,9 @@ class SparseVLM(PruningMethod):
     layers): 2, 6, 15 on 32 layers; 0, 1, 2 on 4. ``depth=None`` takes them as absolute indices.
 
     Batches: every row ranks its own image tokens with its own raters (the official code handles
-    batch size 1). Rows drop the same number of tokens per stage, the smallest any row would drop
-    (``keep_top``), so rows with different image counts keep a little more in the larger rows.
+    batch size 1). In drop mode rows drop the same number of tokens per stage, the smallest any row
+    would drop (``keep_top``), so rows with different image counts keep a little more in the larger
+    rows; in mask mode each row keeps its own count.
 
     Defaults: budget=192 (the official README's default ``RETAIN_TOKN``), layers=(2, 6, 15),
     recycle=True (the official inference path), mode="drop". Deviations: original positions (above);
@@ -272,6 +273,11 @@ class SparseVLM(PruningMethod):
         if not self.active or ctx.image_mask is None or not bool(ctx.image_mask.any()):
             return None
         if layer == 0:
+            if self.drops_tokens and ctx.branch_rows:  # keep_top would silently drop nothing
+                raise MethodArgumentError(
+                    "sparsevlm: mode='drop' cannot run with a method that adds image-free branch rows "
+                    "(PAI's cfg_gamma); use mode='mask'"
+                )
             self._state(ctx)["raters"] = self.raters(ctx, hidden)
             return None
         if layer - 1 not in self.stage_layers:
@@ -325,7 +331,14 @@ class SparseVLM(PruningMethod):
         n_image = ctx.full["image_mask"].sum(1).tolist()
         n_live = live.sum(1)
         n_keep = torch.tensor([min(scale_count(schedule[stage], int(n)), int(k)) for n, k in zip(n_image, n_live)])
-        keep = keep_top(rel, live, n_keep.to(live.device))
+        if self.drops_tokens:
+            keep = keep_top(rel, live, n_keep.to(live.device))
+        else:  # mask mode: every row its own count (rows without image tokens, e.g. PAI's CFG rows, keep all)
+            keep = torch.ones_like(live)
+            for b in range(live.shape[0]):
+                cand = live[b].nonzero().flatten()
+                order = torch.sort(rel[b, cand], descending=True, stable=True).indices
+                keep[b, cand[order[int(n_keep[b]) :]]] = False
         dropped = live & ~keep
         if not bool(dropped.any()):
             return None
@@ -333,6 +346,8 @@ class SparseVLM(PruningMethod):
         if self.config.recycle:
             for b in range(live.shape[0]):
                 cand = dropped[b].nonzero().flatten()
+                if cand.numel() == 0:
+                    continue
                 order = torch.sort(rel[b, cand], descending=True, stable=True).indices
                 m, clusters = recycle_count(cand.numel())
                 members = cand[order[:m]]
