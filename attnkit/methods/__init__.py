@@ -29,6 +29,8 @@ __all__ = [
     "PAIConfig",
     "PyramidDrop",
     "PyramidDropConfig",
+    "SparseVLM",
+    "SparseVLMConfig",
     "VAR",
     "VARConfig",
     "VisionZip",
