@@ -15,7 +15,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from attnkit.hooks import dispatch
 from attnkit.hooks.context import ForwardContext
-from attnkit.methods import Method
+from attnkit.methods import ACT, Method
 
 
 class FakeAttention(torch.nn.Module):
@@ -111,3 +111,177 @@ def test_keep_for_layer_combines_and_extends():
     assert ctx.keep_for_layer(0) is None
     assert ctx.keep_for_layer(1).tolist() == [[True, False, True, True, True]]
     assert ctx.keep_for_layer(3).tolist() == [[True, False, False, True, True]]
+
+
+# -- the column path (Method.sparse_columns / sparse_probs / column_sums) ----------------------------
+class ColumnDouble(Method):
+    """A column rewrite that is not row-normalised: columns ``cols`` get ``w`` per column, every other
+    column 1 + 0.5 * (the row's mass on ``cols``); ``probs`` does the same on full rows (plain path).
+    Records the column sums and counts it is given."""
+
+    name = "column_double"
+
+    def __init__(self, cols, rows=None):
+        super().__init__()
+        self.cols, self._rows = cols, rows
+        self.w = torch.linspace(0.2, 1.5, len(cols))
+        self.sums = self.counts = None
+
+    def rows(self, ctx, layer):
+        return self._rows
+
+    def column_sums(self, ctx, layer, sums, counts):
+        if self.sums is None:
+            self.sums = torch.zeros(*sums.shape[:2], ctx.kv_len)
+            self.counts = torch.zeros(*counts.shape[:2], ctx.kv_len)
+        self.sums[..., : sums.shape[-1]] += sums
+        self.counts[..., : counts.shape[-1]] += counts
+
+    def probs(self, ctx, layer, probs):
+        width = probs.shape[-1]
+        keep = [i for i, c in enumerate(self.cols) if c < width]
+        cols = torch.tensor([self.cols[i] for i in keep], dtype=torch.long)
+        p = probs.float()
+        factor = 1.0 + 0.5 * p[..., cols].sum(-1, keepdim=True)
+        new = p * factor
+        new[..., cols] = p[..., cols] * self.w[keep]
+        return new.to(probs.dtype)
+
+    def sparse_columns(self, ctx, layer):
+        return torch.tensor([c for c in self.cols if c < ctx.kv_len], dtype=torch.long)
+
+    def sparse_probs(self, ctx, layer, probs, cols):
+        assert probs.dtype == torch.float32 and probs.shape[-1] == cols.numel()
+        assert probs.shape[2] == ctx.query_rows.numel()
+        return 1.0 + 0.5 * probs.sum(-1, keepdim=True), probs * self.w[: cols.numel()]
+
+
+def _attend(methods, q, k, v, mask, module, ctx, plain: bool, chunk=None):
+    module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: methods)
+    saved = dispatch.COLUMN_MIN_ROWS, dispatch.CHUNK_ELEMENTS
+    dispatch.COLUMN_MIN_ROWS = 10**9 if plain else 1
+    dispatch.CHUNK_ELEMENTS = chunk or saved[1]
+    try:
+        out, _ = dispatch.attention(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
+    finally:
+        dispatch.COLUMN_MIN_ROWS, dispatch.CHUNK_ELEMENTS = saved
+    return out
+
+
+def _problem(batch, kv_heads, groups, past, q_len, pad, causal, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    heads, dim = kv_heads * groups, 4
+    kv_len = past + q_len
+    q = (torch.randn(batch, heads, q_len, dim, generator=g) * 2).to(dtype)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(dtype)
+    attn2d = torch.ones(batch, kv_len, dtype=torch.bool)
+    for b in range(batch):
+        attn2d[b, : pad[b]] = False  # left padding (a row may be all padding: it sees nothing)
+    mask = sdpa_mask(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=past,
+                     mask_function=causal_mask_function, attention_mask=attn2d, allow_is_causal_skip=True)
+    module = FakeAttention(groups)
+    if not causal:
+        mask, module.is_causal = None, False
+    ctx = lambda: ForwardContext(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,  # noqa: E731
+                                 batch_size=batch, q_len=q_len, past_len=past, attention_mask=attn2d)
+    return q, k, v, mask, module, ctx
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 2),
+    groups=st.sampled_from([1, 2, 3]),
+    past=st.integers(0, 5),
+    q_len=st.integers(1, 7),
+    pad=st.lists(st.integers(0, 4), min_size=3, max_size=3),
+    row_subset=st.booleans(),
+    causal=st.booleans(),
+    chunk=st.sampled_from([None, 1, 40]),
+    seed=st.integers(0, 10_000),
+)
+def test_column_path_equals_plain_path(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, chunk, seed):
+    """The column rewrite gives the output of the same rewrite done on full rows (and the same column
+    sums), for padded batches (rows that see nothing included), GQA, decode shapes, row subsets, chunks."""
+    q, k, v, mask, module, ctx = _problem(batch, kv_heads, groups, past, q_len, pad, causal, seed)
+    kv_len = past + q_len
+    cols = sorted({0, kv_len // 2, kv_len - 1, 2})
+    rows = torch.tensor([0, q_len - 1]).unique() if row_subset else None
+    plain, column = ColumnDouble(cols, rows), ColumnDouble(cols, rows)
+    ref = _attend([plain], q, k, v, mask, module, ctx(), plain=True, chunk=chunk)
+    got = _attend([column], q, k, v, mask, module, ctx(), plain=False, chunk=chunk)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(column.sums, plain.sums, atol=1e-5, rtol=1e-5)
+    assert torch.equal(column.counts.expand_as(plain.counts), plain.counts)
+    base, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
+    if rows is not None:  # rows nobody asked for are sdpa's
+        other = torch.ones(q_len, dtype=torch.bool)
+        other[rows] = False
+        torch.testing.assert_close(got[:, other], base[:, other], atol=1e-6, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.sampled_from([1, 2]),
+    past=st.integers(0, 4),
+    q_len=st.integers(2, 9),
+    pad=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+    causal=st.booleans(),
+    chunk=st.sampled_from([None, 1, 40]),
+    seed=st.integers(0, 10_000),
+)
+def test_act_column_path_equals_plain_path(batch, groups, past, q_len, pad, causal, chunk, seed):
+    """ACT's sparse_probs (rows sum to 1, sinks per head) against its probs on full rows."""
+    q, k, v, mask, module, ctx = _problem(batch, 2, groups, past, q_len, pad, causal, seed)
+    outs, sinks = [], []
+    for plain in (True, False):
+        act = ACT(beta=0.3, threshold=0.15, start_layer=0)
+        act.attach(SimpleNamespace(adapter=SimpleNamespace(num_layers=1, num_heads=2 * groups)))
+        c = ctx()
+        outs.append(_attend([act], q, k, v, mask, module, c, plain=plain, chunk=chunk))
+        st_ = c.store[f"act:{id(act)}"][0]
+        sinks.append(act._sinks(st_, c.kv_len))
+    assert torch.equal(sinks[0], sinks[1])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_column_path_bf16():
+    q, k, v, mask, module, ctx = _problem(2, 2, 2, 3, 9, [0, 4, 0], True, 0, dtype=torch.bfloat16)
+    cols = [0, 2, 5, 11]
+    ref = _attend([ColumnDouble(cols)], q, k, v, mask, module, ctx(), plain=True)
+    got = _attend([ColumnDouble(cols)], q, k, v, mask, module, ctx(), plain=False)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+class Observer(Method):
+    name = "observer_double"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def observe(self, ctx, layer, probs):
+        self.calls += 1
+
+
+def test_column_path_fallbacks(monkeypatch):
+    """A method that needs full probabilities (observe, scores, a plain probs, a second rewrite), softcap
+    and output_attentions keep the plain path; a decode step (one row) takes it by default."""
+    q, k, v, mask, module, ctx = _problem(1, 2, 2, 0, 6, [0, 0, 0], True, 0)
+    taken = []
+    monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(1) or (q.transpose(1, 2), None))
+    col = ColumnDouble([0, 3])
+    assert dispatch._column_rewriter([col]) is col
+    for others in ([Observer()], [PassThrough()], [ColumnDouble([1])]):
+        assert dispatch._column_rewriter([col, *others]) is None
+    assert dispatch._column_rewriter([PassThrough()]) is None
+    module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx(), methods_for_layer=lambda layer: [col])
+    dispatch.attention(module, q, k, v, mask, scaling=0.5)
+    assert taken == [1]
+    dispatch.attention(module, q, k, v, mask, scaling=0.5, softcap=30.0)
+    dispatch.attention(module, q, k, v, mask, scaling=0.5, output_attentions=True)
+    dispatch.attention(module, q[:, :, -1:], k, v, None, scaling=0.5)  # decode: COLUMN_MIN_ROWS = 2
+    assert taken == [1]

@@ -13,7 +13,7 @@ from attnkit.hooks import dispatch
 from attnkit.hooks.context import ForwardContext
 from attnkit.methods import ACT, PAI, VAR
 
-from .conftest import logits, valid_positions
+from .conftest import greedy, logits, valid_positions
 from .test_methods_common import SINK_DIM, TAU, Recorder, deep, plant_sinks
 
 
@@ -181,3 +181,59 @@ def test_row_chunks_change_nothing(spec, keep_chunks, monkeypatch):
     keep = valid_positions(inputs)
     torch.testing.assert_close(many[keep], one[keep], atol=1e-4, rtol=0)  # summation order differs
     assert (one[keep] - ref[keep]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_column_path_equals_plain_path(family, monkeypatch):
+    """At prefill ACT alone takes the column path (one pass, output corrected on the sink columns); it
+    gives the logits and greedy tokens of the plain path (full-row rewrite), left-padded batch, GQA."""
+    model, inputs = deep(family)
+    taken = []
+    column_path = dispatch._column_path
+    monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(1) or column_path(*a, **kw))
+    spec = dict(beta=0.3, threshold=0.05, start_layer=0)
+    with attnkit.wrap(model, ACT(**spec)):
+        column = logits(model, inputs)
+        column_tokens = greedy(model, inputs, n=4)
+    assert len(taken) == 8, "4 layers at the prefill of logits() and of generate()"
+    monkeypatch.setattr(dispatch, "COLUMN_MIN_ROWS", 10**9)
+    with attnkit.wrap(model, ACT(**spec)):
+        plain = logits(model, inputs)
+        plain_tokens = greedy(model, inputs, n=4)
+    assert len(taken) == 8
+    keep = valid_positions(inputs)
+    torch.testing.assert_close(column[keep], plain[keep], atol=1e-4, rtol=0)
+    assert torch.equal(column_tokens, plain_tokens)
+    assert (column[keep] - logits(model, inputs)[keep]).abs().max() > 1e-3
+
+
+def test_column_path_falls_back_with_an_observer(monkeypatch):
+    """A method that reads the final probabilities (observe) keeps the plain path in its layers."""
+    model, inputs = deep("llava")
+    taken = []
+    column_path = dispatch._column_path
+    monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(a[4]) or column_path(*a, **kw))
+    with attnkit.wrap(model, [Recorder(), ACT(beta=0.3, threshold=0.05, heads={2: [0]})]), torch.no_grad():
+        model(**inputs)
+    assert taken == []
+    with attnkit.wrap(model, [ACT(beta=0.3, threshold=0.05, heads={2: [0]})]), torch.no_grad():
+        model(**inputs)
+    assert taken == [2]
+
+
+def test_column_path_redoes_rows_with_a_large_factor(monkeypatch):
+    """Rows whose factor exceeds COLUMN_MAX_FACTOR are computed again from full rows: with the bound at 0
+    every row is, and the result is the plain path's."""
+    model, inputs = deep("qwen2_vl")
+    spec = dict(beta=0.3, threshold=0.05, start_layer=0)
+    redone = []
+    plain_rows = dispatch._plain_rows
+    monkeypatch.setattr(dispatch, "_plain_rows", lambda *a, **kw: redone.append(a[8].numel()) or plain_rows(*a, **kw))
+    with attnkit.wrap(model, ACT(**spec)):
+        column = logits(model, inputs)
+    monkeypatch.setattr(dispatch, "COLUMN_MAX_FACTOR", 0.0)
+    with attnkit.wrap(model, ACT(**spec)):
+        redo = logits(model, inputs)
+    assert redone and all(n == inputs["input_ids"].shape[1] for n in redone[-4:])
+    keep = valid_positions(inputs)
+    torch.testing.assert_close(redo[keep], column[keep], atol=1e-4, rtol=0)

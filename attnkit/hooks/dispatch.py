@@ -41,6 +41,16 @@ CHUNK_ELEMENTS_ACCEL = 2**26
 #: A ``collect`` pass keeps its chunks' probabilities for the rewrite pass while they hold at most
 #: this many elements in all (16 MB in fp32); beyond, the rewrite pass recomputes them.
 COLLECT_CACHE_ELEMENTS = 2**22
+#: The column path is taken for at least this many requested rows; a decode step (one row) costs the
+#: same on the plain path, which needs fewer calls.
+COLUMN_MIN_ROWS = 2
+#: The column path's chunks hold at most this many scores (8 MB in fp32, at most CHUNK_ELEMENTS): its
+#: P@V and column sums read each chunk again, which pays off while the chunk stays near the cache.
+COLUMN_CHUNK_ELEMENTS = 2**21
+#: The column path corrects out_i by factor_i * (out_i - P_iJ V_J): fp32 rounding grows with the factor
+#: (ACT's factor is large when a row's attention is nearly all on its sinks). Rows whose factor exceeds
+#: this are computed again on the plain path (the method's ``probs`` on the full row).
+COLUMN_MAX_FACTOR = 4.0
 
 
 def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -176,6 +186,17 @@ def _eager(
             merged += 1
         if rows is not None:
             rows = (torch.unique(rows) if merged > 1 else rows).to(query.device)
+    n_req = q_len if rows is None else rows.numel()
+    rewriter = _column_rewriter(methods) if n_req >= COLUMN_MIN_ROWS else None
+    if (
+        rewriter is not None
+        and kwargs.get("softcap") is None
+        and not (dropout and module.training)
+        and not kwargs.get("output_attentions")
+    ):
+        return _column_path(
+            ctx, methods, rewriter, module, layer, query, key, value, attention_mask, rows, scaling, kwargs
+        )
     full_out = None
     if rows is not None and rows.numel() < q_len:
         full_out, _ = sdpa_attention_forward(
@@ -232,16 +253,23 @@ def _eager(
 
     # Methods that need statistics over every requested row first (ACT's column means) get a
     # read-only pass before any probs callback; its chunks are kept for the rewrite pass when they
-    # are small in all, else computed again.
+    # are small in all, else computed again. A method with ``column_sums`` but no ``collect`` gets
+    # each chunk's column sums and visible-row counts.
     cached: list | None = None
-    if any(m.collect is not None for m in methods):
+    if any(m.collect is not None or m.column_sums is not None for m in methods):
         cached, kept = [], 0
         for pos, sl in chunks:
             probs, visible, dead, kv_end = chunk_probs(pos, sl)
             seen = probs if dead is None else probs.masked_fill(dead, 0.0)
+            sums = counts = None
             for m in methods:
                 if m.collect is not None:
                     m.collect(ctx, layer, seen)
+                elif m.column_sums is not None:
+                    if sums is None:
+                        sums = seen.sum(2, dtype=torch.float32)
+                        counts = _visible_counts(visible, pos.numel(), kv_end, query.device)
+                    m.column_sums(ctx, layer, sums, counts)
             kept += probs.numel()
             if cached is not None and (len(chunks) == 1 or kept <= COLLECT_CACHE_ELEMENTS):
                 cached.append((probs, visible, dead, kv_end))
@@ -288,3 +316,176 @@ def _eager(
         full_out[:, rows] = out.to(full_out.dtype)  # sdpa's output is a fresh tensor
         out = full_out
     return out.contiguous(), weights
+
+
+def _visible_counts(visible: torch.Tensor | None, r: int, width: int, device: torch.device) -> torch.Tensor:
+    """(B|1, 1, K') fp32: how many of a chunk's r rows see each key column."""
+    if visible is None:
+        return torch.full((1, 1, width), float(r), device=device)
+    return visible.sum(2, dtype=torch.float32)
+
+
+def _column_rewriter(methods: list):
+    """The method whose ``sparse_probs`` rewrite the column path can apply, or None when the layer needs
+    the plain path: exactly one method with a column rewrite, and every method's other attention
+    callbacks limited to ``column_sums`` (a ``collect`` too when it also has ``column_sums``) and a
+    ``probs`` that its ``sparse_probs`` replaces. A ``scores``, ``observe`` or ``head_output`` callback,
+    or a second rewrite, keeps the plain path (they need every row's full probabilities)."""
+    found = None
+    for m in methods:
+        if m.scores is not None or m.observe is not None or m.head_output is not None:
+            return None
+        if m.collect is not None and m.column_sums is None:
+            return None
+        if m.sparse_probs is not None:
+            if found is not None:
+                return None
+            found = m
+        elif m.probs is not None:
+            return None
+    return found
+
+
+def _column_path(
+    ctx, methods: list, rewriter, module, layer: int, query, key, value, attention_mask, rows, scaling, kwargs
+) -> tuple[torch.Tensor, None]:
+    """Attention for a layer whose only rewrite is a column rewrite (see Method.sparse_probs), in one pass.
+
+    Each chunk of requested rows computes its scores and softmax once, adds the column sums (when a
+    method wants ``column_sums``), multiplies the unchanged probabilities with V and keeps each row's
+    logsumexp (row max of the scores minus the log of the largest probability: no extra exp). After
+    the last chunk the methods get the column sums, the rewriter names its few special columns J,
+    their probabilities are recomputed from q.k_j and the logsumexp (rows x |J|), and the output is
+    corrected: out'_i = factor_i * out_i + sum_{j in J} (new_ij - factor_i * P_ij) V_j. So the
+    statistics need no second pass and the rewrite no pass over the full (rows, keys) probabilities."""
+    bsz, n_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    dev = query.device
+    full_out = None
+    if rows is not None and rows.numel() < q_len:
+        full_out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    else:
+        rows = None
+    pos_all = rows if rows is not None else torch.arange(q_len, device=dev)
+    n_rows = pos_all.numel()
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if attention_mask is None:
+        base_mask, causal = None, bool(is_causal) and q_len > 1
+    else:
+        base_mask, causal = _bool_mask(attention_mask, q_len, kv_len, dev, is_causal), False
+    if dev.type == "cpu":
+        budget = min(CHUNK_ELEMENTS, COLUMN_CHUNK_ELEMENTS)
+        per_chunk = max(1, min(CHUNK_ROWS, budget // max(1, bsz * n_heads * kv_len)))
+    else:
+        per_chunk = max(1, CHUNK_ELEMENTS_ACCEL // max(1, bsz * n_heads * kv_len))
+
+    want_sums = any(m.column_sums is not None for m in methods)
+    sums = torch.zeros(bsz, n_heads, kv_len, device=dev) if want_sums else None
+    counts = torch.zeros(1 if base_mask is None else base_mask.shape[0], 1, kv_len, device=dev) if want_sums else None
+    lse = torch.empty(bsz, n_heads, n_rows, device=dev)
+    out = query.new_empty(bsz, n_heads, n_rows, head_dim)
+    min_value = torch.finfo(query.dtype).min
+    # plain causal attention over all rows: only each chunk's diagonal block needs masking, no row is
+    # dead, and column j is seen by the rows j..n_rows-1
+    plain_causal = causal and rows is None
+    tri = torch.ones(per_chunk, per_chunk, dtype=torch.bool, device=dev).triu_(1) if plain_causal else None
+    for start in range(0, n_rows, per_chunk):
+        end = min(n_rows, start + per_chunk)
+        r = end - start
+        sl = slice(start, end) if rows is None else None
+        pos = pos_all[start:end]
+        if plain_causal:
+            visible, kv_end = None, end
+        else:
+            visible, kv_end = _chunk_mask(base_mask, causal, pos, sl, kv_len)
+        q = (query[:, :, sl] if sl is not None else query[:, :, pos]) * scaling
+        scores = torch.bmm(_grouped(q, kv_heads), _flat(key[:, :, :kv_end]).transpose(1, 2))
+        scores = scores.view(bsz, n_heads, r, kv_end)
+        dead = None
+        if plain_causal:
+            scores[..., start:end].masked_fill_(tri[:r, :r], min_value)
+        elif visible is not None:
+            _mask_scores(scores, visible, min_value)
+            dead = ~visible.any(-1, keepdim=True)
+            if not dead.any():
+                dead = None
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        # the largest probability is exp(max - lse); a dead row gets lse = +inf (it sees nothing)
+        lse[:, :, start:end] = scores.amax(-1).float().sub_(probs.amax(-1).log_())
+        if dead is not None:
+            probs.masked_fill_(dead, 0.0)
+        if sums is not None:
+            sums[..., :kv_end] += probs.sum(2)
+            if not plain_causal:
+                counts[..., :kv_end] += _visible_counts(visible, r, kv_end, dev)
+        p = probs.to(query.dtype)
+        part = torch.bmm(_grouped(p, kv_heads), _flat(value[:, :, :kv_end]))
+        out[:, :, start:end] = part.view(bsz, n_heads, r, head_dim)
+    if sums is not None:
+        if plain_causal:
+            counts[0, 0] = (n_rows - torch.arange(kv_len, device=dev)).clamp_min_(0)
+        ctx.query_rows, ctx.visible = pos_all, None
+        for m in methods:
+            if m.column_sums is not None:
+                m.column_sums(ctx, layer, sums, counts)
+
+    ctx.query_rows, ctx.visible = pos_all, None
+    cols = rewriter.sparse_columns(ctx, layer)
+    if cols is not None and cols.numel():
+        cols = cols.to(dev)
+        q = (query if rows is None else query[:, :, rows]) * scaling
+        k_j, v_j = key[:, :, cols], value[:, :, cols]
+        s_j = torch.bmm(_grouped(q, kv_heads), _flat(k_j).transpose(1, 2))  # as the chunks computed them
+        s_j = s_j.view(bsz, n_heads, n_rows, cols.numel()).float().sub_(lse[..., None])
+        if base_mask is not None:
+            seen = base_mask[:, :, pos_all] if base_mask.shape[2] > 1 else base_mask
+            seen = seen[..., cols]
+        elif causal:
+            seen = (cols[None, :] <= pos_all[:, None])[None, None]
+        else:
+            seen = None
+        p_j = s_j.exp_() if seen is None else s_j.exp_().masked_fill_(~seen, 0.0)
+        ctx.visible = seen
+        factor, new = rewriter.sparse_probs(ctx, layer, p_j, cols)
+        delta = (new - factor * p_j).to(value.dtype)
+        corr = torch.bmm(_grouped(delta, kv_heads), _flat(v_j)).view(bsz, n_heads, n_rows, head_dim)
+        out = (out.float() * factor + corr.float()).to(query.dtype)
+        redo = (factor.abs() > COLUMN_MAX_FACTOR).flatten(0, 1).any(0).flatten().nonzero().flatten()
+        if redo.numel():
+            out[:, :, redo] = _plain_rows(
+                ctx, layer, rewriter, query, key, value, base_mask, causal, pos_all[redo], scaling, per_chunk
+            )
+    ctx.visible = None
+    out = out.transpose(1, 2)  # (B, r, H, D)
+    if full_out is not None:
+        full_out[:, rows] = out.to(full_out.dtype)  # sdpa's output is a fresh tensor
+        out = full_out
+    return out.contiguous(), None
+
+
+def _plain_rows(ctx, layer, method, query, key, value, base_mask, causal, pos, scaling, per_chunk) -> torch.Tensor:
+    """(B, H, len(pos), D): the rows ``pos`` computed on the plain path with one method's ``probs``."""
+    bsz, n_heads, _, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    min_value = torch.finfo(query.dtype).min
+    parts = []
+    for start in range(0, pos.numel(), per_chunk):
+        rows = pos[start : start + per_chunk]
+        visible, kv_end = _chunk_mask(base_mask, causal, rows, None, kv_len)
+        q = query[:, :, rows] * scaling
+        scores = torch.bmm(_grouped(q, kv_heads), _flat(key[:, :, :kv_end]).transpose(1, 2))
+        scores = scores.view(bsz, n_heads, rows.numel(), kv_end)
+        dead = None
+        if visible is not None:
+            _mask_scores(scores, visible, min_value)
+            dead = ~visible.any(-1, keepdim=True)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        ctx.query_rows, ctx.visible = rows, visible
+        probs = method.probs(ctx, layer, probs)
+        if dead is not None:
+            probs = probs.masked_fill(dead, 0.0)
+        part = torch.bmm(_grouped(probs, kv_heads), _flat(value[:, :, :kv_end]))
+        parts.append(part.view(bsz, n_heads, rows.numel(), head_dim))
+    ctx.visible = None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

@@ -125,6 +125,7 @@ class ACT(Method):
         return st
 
     def collect(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> None:
+        """The running column sums from a chunk of probabilities (the plain path; same as column_sums)."""
         bsz, heads, rows, width = probs.shape
         st = self._stats(ctx, layer, heads, probs.device)
         st["sum"][..., :width] += probs.float().sum(2)
@@ -133,14 +134,46 @@ class ACT(Method):
         else:
             st["count"][..., :width] += ctx.visible.sum(2, dtype=torch.float32)
 
+    def column_sums(self, ctx: ForwardContext, layer: int, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        width = sums.shape[-1]
+        st = self._stats(ctx, layer, sums.shape[1], sums.device)
+        st["sum"][..., :width] += sums
+        st["count"][..., :width] += counts
+
+    def _sinks(self, st: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+        """(B, H, width) bool: the calibrated columns (mean > threshold, selected heads, not the first token)."""
+        # mean > threshold, without dividing (a column no row sees has sum 0 and count 0)
+        sink = st["sum"][..., :width] > self.config.threshold * st["count"][..., :width]
+        return sink.logical_and_(st["allowed"][..., :width])
+
+    def sparse_columns(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
+        """The column rewrite's special columns: every column that is a sink in some row and head."""
+        st = ctx.store.get(f"act:{id(self)}", {}).get(layer)
+        if st is None:
+            return None
+        sink = self._sinks(st, ctx.kv_len)
+        cols = sink.any(1).any(0).nonzero().flatten()
+        st["sparse"] = (cols, sink[..., cols])  # (B, H, n) for sparse_probs
+        return cols
+
+    def sparse_probs(
+        self, ctx: ForwardContext, layer: int, probs: torch.Tensor, cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rewrite of ``probs`` in column form: rows sum to 1, so with S the row's sink mass the other
+        columns get (1 - beta * S) / (1 - S) and the sinks beta."""
+        st = ctx.store[f"act:{id(self)}"][layer]
+        s = st["sparse"][1][:, :, None, :].to(probs.dtype)  # (B, H, 1, n)
+        mass = (probs * s).sum(-1, keepdim=True)
+        rest = 1.0 - mass
+        beta = torch.where(rest > 0, self.config.beta, 1.0)  # a row with nothing else keeps its sinks
+        others = (1.0 - beta * mass) / rest.clamp_min(1e-12)
+        return others, probs * torch.addcmul(others, s, beta - others)
+
     def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
         st = ctx.store.get(f"act:{id(self)}", {}).get(layer)
         if st is None:
             return probs
-        width = probs.shape[-1]
-        # mean > threshold, without dividing (a column no row sees has sum 0 and count 0)
-        sink = st["sum"][..., :width] > self.config.threshold * st["count"][..., :width]
-        sink &= st["allowed"][..., :width]
+        sink = self._sinks(st, probs.shape[-1])
         if not bool(sink.any()):
             return probs
         p = probs.float()  # the same tensor for fp32 probabilities: rewritten in place

@@ -61,7 +61,29 @@ class Method:
       requested row (after ``scores`` callbacks, before any ``probs`` callback of the layer), for
       rewrites that need statistics over all rows (ACT's column means). Costs a second QK^T when
       the rows do not fit in one chunk; ``scores`` callbacks then run twice and must be pure.
+    - ``column_sums(ctx, layer, sums, counts) -> None``: read-only statistics over every requested row,
+      before any rewrite of the layer: ``sums`` (B, H, K') fp32, the probability each key column gets
+      summed over the rows; ``counts`` (B|1, 1, K') fp32, how many of the rows see the column. May be
+      called once per row chunk (add them up). Cheaper than ``collect`` on the column path (below),
+      which computes them in one scores-and-softmax pass without P@V. A method may define both
+      (``collect`` for the plain path, e.g. for callers that hand it probabilities); the dispatcher
+      then calls exactly one of them per chunk.
     - ``probs(ctx, layer, probs) -> probs``: post-softmax probabilities (B, H, r, K').
+    - Column rewrite, ``sparse_columns(ctx, layer) -> cols | None`` and ``sparse_probs(ctx, layer,
+      probs_j, cols) -> (factor, new_j)``: declares that the method's ``probs`` rewrite has the form
+      P'[i, j] = factor_i * P[i, j] on every key column except a few special ones ``cols`` (a 1-D long
+      tensor of key positions, sorted, distinct, shared by the batch; None or empty = nothing changes),
+      where it gives the new values. ``probs_j`` (B, H, r, |cols|, fp32) holds the probabilities at
+      those columns (0 where a row cannot see the column; a row that sees no key is all 0), each row
+      of the full P summing to 1; ``factor`` is (B, H, r, 1) and ``new_j`` (B, H, r, |cols|).
+      ``ctx.visible`` is then the (B|1, 1, r, |cols|) visibility of the columns or None.
+      When every method of a layer allows it (no ``scores``, ``observe``, ``head_output``, ``collect``
+      without ``column_sums``, ``probs`` without a column rewrite, at most one column rewrite; no
+      softcap, dropout or output_attentions) and at least COLUMN_MIN_ROWS rows are requested, the
+      dispatcher takes the column path: the fused kernel gives every row's output and logsumexp,
+      ``column_sums`` come from one pass without P@V, and the output is corrected as
+      out'_i = factor_i * out_i + sum_{j in cols} (new_ij - factor_i * P_ij) V_j. Otherwise it calls
+      ``probs``, which must give the same result (the tests compare both paths).
     - ``head_output(ctx, layer, out) -> out``: per-head attention output (B, q, H, D) before o_proj.
     - ``observe(ctx, layer, probs) -> None``: read-only look at the final probabilities.
 
@@ -99,7 +121,10 @@ class Method:
 
     scores = None
     collect = None
+    column_sums = None
     probs = None
+    sparse_columns = None
+    sparse_probs = None
     head_output = None
     observe = None
     select = None
@@ -129,7 +154,10 @@ class Method:
     # -- routing ---------------------------------------------------------------------------
     @classmethod
     def attention_callbacks(cls) -> bool:
-        return any(getattr(cls, cb) is not None for cb in ("scores", "collect", "probs", "head_output", "observe"))
+        return any(
+            getattr(cls, cb) is not None
+            for cb in ("scores", "collect", "column_sums", "probs", "sparse_probs", "head_output", "observe")
+        )
 
     def layers(self, ctx: ForwardContext) -> set[int] | None:
         """Layers that need the eager path in this forward (None = all layers)."""
