@@ -285,3 +285,53 @@ def test_column_path_fallbacks(monkeypatch):
     dispatch.attention(module, q, k, v, mask, scaling=0.5, output_attentions=True)
     dispatch.attention(module, q[:, :, -1:], k, v, None, scaling=0.5)  # decode: COLUMN_MIN_ROWS = 2
     assert taken == [1]
+
+
+class Everything(Method):
+    """Every attention callback, logging the order; rewrites scores, probs and the head output."""
+
+    name = "everything_double"
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def scores(self, ctx, layer, scores):
+        self.log.append(("scores", ctx.query_rows.tolist()))
+        return scores * 0.9
+
+    def collect(self, ctx, layer, probs):
+        self.log.append(("collect", probs.sum().item()))
+
+    def probs(self, ctx, layer, probs):
+        self.log.append(("probs", ctx.query_rows.tolist()))
+        probs = probs.clone()
+        probs[..., 0] *= 0.5
+        return probs
+
+    def observe(self, ctx, layer, probs):
+        self.log.append(("observe", round(probs[..., 0].sum().item(), 5)))
+
+    def head_output(self, ctx, layer, out):
+        self.log.append(("head_output", ctx.query_rows.tolist()))
+        return out * 2.0
+
+
+def test_single_row_path_equals_plain_path():
+    """A decode step that sees every key takes the short single-row path: same output, weights and
+    callback sequence as the chunked path (reached here with an all-True mask)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    results = []
+    for mask in (None, torch.ones(2, 1, 1, 7, dtype=torch.bool)):
+        method = Everything()
+        module = FakeAttention(2)
+        ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, batch_size=2, q_len=1, past_len=6)
+        module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: [method])
+        out, weights = dispatch.attention(module, q, k, v, mask, scaling=0.3, output_attentions=True)
+        results.append((out, weights, method.log))
+    (out1, w1, log1), (out2, w2, log2) = results
+    torch.testing.assert_close(out1, out2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(w1, w2, atol=1e-6, rtol=0)
+    assert [name for name, _ in log1] == ["scores", "collect", "probs", "observe", "head_output"]
+    assert log1[:2] == log2[:2] and log1[2:] == log2[2:]

@@ -171,6 +171,8 @@ def _eager(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
+    if q_len == 1 and attention_mask is None and not (dropout and module.training):
+        return _single_row(ctx, methods, layer, query, key, value, scaling, kwargs)
 
     # Which query rows need probabilities: the union over methods (None = all rows). Each method
     # gives sorted, distinct indices; a single new token (decode) is always computed.
@@ -489,3 +491,44 @@ def _plain_rows(ctx, layer, method, query, key, value, base_mask, causal, pos, s
         parts.append(part.view(bsz, n_heads, rows.numel(), head_dim))
     ctx.visible = None
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+_ROW0: dict[torch.device, torch.Tensor] = {}
+
+
+def _single_row(ctx, methods: list, layer: int, query, key, value, scaling: float, kwargs) -> tuple:
+    """The eager path for one new token that sees every key (a decode step without padding): the plain
+    path's steps and callbacks in the same order, without its chunk and mask bookkeeping."""
+    bsz, n_heads, _, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    scores = torch.bmm(_grouped(query * scaling, kv_heads), _flat(key).transpose(1, 2)).view(bsz, n_heads, 1, kv_len)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    row0 = _ROW0.get(query.device)
+    if row0 is None:
+        row0 = _ROW0[query.device] = torch.zeros(1, dtype=torch.long, device=query.device)
+    ctx.query_rows, ctx.visible = row0, None
+    for m in methods:
+        if m.scores is not None:
+            scores = m.scores(ctx, layer, scores)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if query.dtype != torch.float32:
+        probs = probs.to(query.dtype)
+    for m in methods:
+        if m.collect is not None:
+            m.collect(ctx, layer, probs)
+        elif m.column_sums is not None:
+            m.column_sums(ctx, layer, probs[:, :, 0].float(), torch.ones(1, 1, kv_len, device=query.device))
+    for m in methods:
+        if m.probs is not None:
+            probs = m.probs(ctx, layer, probs)
+    for m in methods:
+        if m.observe is not None:
+            m.observe(ctx, layer, probs)
+    weights = probs if kwargs.get("output_attentions") else None
+    out = torch.bmm(_grouped(probs, kv_heads), _flat(value)).view(bsz, n_heads, 1, head_dim).transpose(1, 2)
+    for m in methods:
+        if m.head_output is not None:
+            out = m.head_output(ctx, layer, out)
+    return out.contiguous(), weights
