@@ -109,6 +109,7 @@ class VAR(Method):
         self._dims: torch.Tensor | None = None
         self._range = range(0)
         self._handle = None
+        self._key = f"var:{id(self)}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self, handle) -> None:
@@ -144,7 +145,10 @@ class VAR(Method):
         self._handle = None
 
     def _state(self, ctx: ForwardContext) -> dict[str, Any]:
-        return ctx.store.setdefault(f"var:{id(self)}", {"sinks": {}, "dims": {}})
+        state = ctx.store.get(self._key)
+        if state is None:
+            state = ctx.store[self._key] = {"sinks": {}, "dims": {}}
+        return state
 
     def begin_forward(self, ctx: ForwardContext) -> None:
         state = self._state(ctx)
@@ -162,9 +166,12 @@ class VAR(Method):
             eligible = has_image[:, None].expand(-1, ctx.q_len)
         if q_real is not None:
             eligible = eligible & q_real.to(eligible.device)
+        before = state.get("eligible")
         state["eligible"] = eligible
         state["rows"] = eligible.any(0).nonzero().flatten()
-        state["rows_ok"] = {}
+        # the per-layer row conditions hold while the eligible rows do (every decode step, usually)
+        if ctx.is_prefill or before is None or before.shape != eligible.shape or not torch.equal(before, eligible):
+            state["rows_ok"] = {}
 
     # -- routing ---------------------------------------------------------------------------
     def layers(self, ctx: ForwardContext) -> set[int]:
@@ -207,8 +214,8 @@ class VAR(Method):
 
     # -- 2. + 3. image-centric pairs, redistribution -------------------------------------------
     def _masks(self, ctx: ForwardContext, layer: int, width: int, device: torch.device) -> tuple | None:
-        """Per layer, cached for the forward: (masks (B, K, 4): image, visual sink, sink, non-sink
-        image; keep (B, 1, 1, K): p on sinks, 1 elsewhere; has_visual (B, 1, 1)), or None."""
+        """Per layer, cached for the forward: (masks (B, K, 4): image, visual sink, sink, non-sink image;
+        shift (B, 2, K): sink, non-sink image; has_visual (B, 1, 1)), cropped to ``width``, or None."""
         state = self._state(ctx)
         cache = state.setdefault("masks", {})
         hit = cache.get(layer)
@@ -226,8 +233,8 @@ class VAR(Method):
             cache[layer] = (1 << 62, None)
             return None
         masks = torch.stack([image, sink & image, sink, image & ~sink], dim=2).float()  # (B, K, 4)
-        keep = torch.where(sink, self.config.p, 1.0)[:, None, None, :]
-        entry = (masks, keep, has_visual[:, None, None])
+        shift = masks[:, :, 2:].transpose(1, 2).contiguous()  # (B, 2, K)
+        entry = (masks, shift, has_visual[:, None, None])
         cache[layer] = (capacity, entry)
         return _crop(entry, width)
 
@@ -237,29 +244,32 @@ class VAR(Method):
         found = self._masks(ctx, layer, probs.shape[-1], probs.device)
         if found is None:
             return probs
-        masks, keep, has_visual = found
+        masks, shift, has_visual = found
         state = self._state(ctx)
+        p = probs.float().contiguous()  # the same tensor for fp32 probabilities: rewritten in place
+        bsz, heads, rows, width = p.shape
         eligible = state["eligible"]
         if ctx.query_rows.numel() == eligible.shape[1]:  # every row of the forward (decode: the new token)
-            rows_ok = state.setdefault("rows_ok", {}).get(layer)
+            rows_ok = state["rows_ok"].get((layer, heads))
             if rows_ok is None:
-                rows_ok = state["rows_ok"][layer] = has_visual & eligible.to(probs.device)[:, None, :]
+                ok = has_visual & eligible.to(probs.device)[:, None, :]
+                rows_ok = state["rows_ok"][(layer, heads)] = ok.expand(bsz, heads, rows).reshape(bsz, heads * rows)
         else:
-            rows_ok = has_visual & eligible[:, ctx.query_rows.to(eligible.device)].to(probs.device)[:, None, :]
-        p = probs.float()
-        bsz, heads, rows, width = p.shape
-        sums = torch.bmm(p.reshape(bsz, heads * rows, width), masks).view(bsz, heads, rows, 4)
-        image_attn, visual_sink, sink_attn, rest = sums.unbind(-1)
+            ok = has_visual & eligible[:, ctx.query_rows.to(eligible.device)].to(probs.device)[:, None, :]
+            rows_ok = ok.expand(bsz, heads, rows).reshape(bsz, heads * rows)
+        flat = p.view(bsz, heads * rows, width)
+        image_attn, visual_sink, sink_attn, rest = torch.bmm(flat, masks).unbind(-1)  # (B, H*r) each
         cfg = self.config
         # image attention >= summ, visual-sink share of it <= rho (and something left to receive)
         chosen = (image_attn >= cfg.summ) & (visual_sink <= cfg.rho * image_attn) & rows_ok
         if cfg.rho >= 1.0 or cfg.summ <= 0.0:  # otherwise rest >= (1 - rho) * summ > 0 already
             chosen &= rest > 0
-        if not bool(chosen.any()):
-            return probs
-        gain = (1.0 - cfg.p) * sink_attn / rest.clamp_min(1e-12)
-        new = p * (keep + gain[..., None] * masks[:, None, None, :, 3])
-        return torch.where(chosen[..., None], new, p).to(probs.dtype)
+        # factor - 1 per column: p - 1 on the sinks, the gain on the non-sink image tokens, 0 elsewhere
+        # and in rows not chosen (so those rows stay exactly as they are)
+        gain = sink_attn.mul_(1.0 - cfg.p).div_(rest.clamp_min(1e-12))
+        coef = torch.stack([chosen * (cfg.p - 1.0), chosen * gain], dim=-1)  # (B, H*r, 2)
+        flat.addcmul_(flat, torch.bmm(coef, shift))
+        return p.to(probs.dtype)
 
     # -- report ------------------------------------------------------------------------------
     def sink_report(self) -> dict[str, Any]:
@@ -281,8 +291,8 @@ class VAR(Method):
 
 
 def _crop(entry: tuple, width: int) -> tuple:
-    masks, keep, has_visual = entry
-    return masks[:, :width], keep[..., :width], has_visual
+    masks, shift, has_visual = entry
+    return masks[:, :width], shift[..., :width], has_visual
 
 
 def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:
