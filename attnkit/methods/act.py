@@ -74,6 +74,7 @@ class ACT(Method):
     def __init__(self, config: ACTConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._heads: dict[int, torch.Tensor] = {}
+        self._key = f"act:{id(self)}"
 
     def attach(self, handle) -> None:
         n, n_heads = handle.adapter.num_layers, handle.adapter.num_heads
@@ -101,7 +102,9 @@ class ACT(Method):
     def _stats(self, ctx: ForwardContext, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
         """This layer's running column sums (B, H, cap) and visible-row counts (B, 1, cap), cap >= kv_len,
         and which columns may be sinks at all (B, H, cap): the selected heads, never the first token."""
-        store = ctx.store.setdefault(f"act:{id(self)}", {})
+        store = ctx.store.get(self._key)
+        if store is None:
+            store = ctx.store[self._key] = {}
         st = store.get(layer)
         kv = ctx.kv_len
         if st is not None and st["sum"].shape[-1] >= kv:
@@ -128,7 +131,10 @@ class ACT(Method):
         """The running column sums from a chunk of probabilities (the plain path; same as column_sums)."""
         bsz, heads, rows, width = probs.shape
         st = self._stats(ctx, layer, heads, probs.device)
-        st["sum"][..., :width] += probs.float().sum(2)
+        if rows == 1:  # a decode step: the row itself
+            st["sum"][..., :width] += probs.view(bsz, heads, width)
+        else:
+            st["sum"][..., :width] += probs.float().sum(2)
         if ctx.visible is None:
             st["count"][..., :width] += rows
         else:
@@ -148,7 +154,8 @@ class ACT(Method):
 
     def sparse_columns(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
         """The column rewrite's special columns: every column that is a sink in some row and head."""
-        st = ctx.store.get(f"act:{id(self)}", {}).get(layer)
+        store = ctx.store.get(self._key)
+        st = None if store is None else store.get(layer)
         if st is None:
             return None
         sink = self._sinks(st, ctx.kv_len)
@@ -161,7 +168,7 @@ class ACT(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The rewrite of ``probs`` in column form: rows sum to 1, so with S the row's sink mass the other
         columns get (1 - beta * S) / (1 - S) and the sinks beta."""
-        st = ctx.store[f"act:{id(self)}"][layer]
+        st = ctx.store[self._key][layer]
         s = st["sparse"][1][:, :, None, :].to(probs.dtype)  # (B, H, 1, n)
         mass = (probs * s).sum(-1, keepdim=True)
         rest = 1.0 - mass
@@ -170,7 +177,8 @@ class ACT(Method):
         return others, probs * torch.addcmul(others, s, beta - others)
 
     def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        st = ctx.store.get(f"act:{id(self)}", {}).get(layer)
+        store = ctx.store.get(self._key)
+        st = None if store is None else store.get(layer)
         if st is None:
             return probs
         sink = self._sinks(st, probs.shape[-1])
