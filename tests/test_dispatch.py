@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -317,9 +318,10 @@ class Everything(Method):
         return out * 2.0
 
 
-def test_single_row_path_equals_plain_path():
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_single_row_path_equals_plain_path(softcap):
     """A decode step that sees every key takes the short single-row path: same output, weights and
-    callback sequence as the chunked path (reached here with an all-True mask)."""
+    callback sequence as the chunked path (reached here with an all-True mask), with softcap too."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
     results = []
@@ -328,7 +330,7 @@ def test_single_row_path_equals_plain_path():
         module = FakeAttention(2)
         ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, batch_size=2, q_len=1, past_len=6)
         module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: [method])
-        out, weights = dispatch.attention(module, q, k, v, mask, scaling=0.3, output_attentions=True)
+        out, weights = dispatch.attention(module, q, k, v, mask, scaling=0.3, output_attentions=True, softcap=softcap)
         results.append((out, weights, method.log))
     (out1, w1, log1), (out2, w2, log2) = results
     torch.testing.assert_close(out1, out2, atol=1e-6, rtol=0)
