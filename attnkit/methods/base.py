@@ -72,7 +72,8 @@ class Method:
     - Column rewrite, ``sparse_columns(ctx, layer) -> cols | None`` and ``sparse_probs(ctx, layer,
       probs_j, cols) -> (factor, new_j)``: declares that the method's ``probs`` rewrite has the form
       P'[i, j] = factor_i * P[i, j] on every key column except a few special ones ``cols`` (a 1-D long
-      tensor of key positions, sorted, distinct, shared by the batch; None or empty = nothing changes),
+      tensor of key positions, sorted, distinct, shared by the batch, asked for after ``column_sums``;
+      None or empty = nothing changes),
       where it gives the new values. ``probs_j`` (B, H, r, |cols|, fp32) holds the probabilities at
       those columns (0 where a row cannot see the column; a row that sees no key is all 0), each row
       of the full P summing to 1; ``factor`` is (B, H, r, 1) and ``new_j`` (B, H, r, |cols|).
