@@ -81,9 +81,11 @@ class Method:
       When every method of a layer allows it (no ``scores``, ``observe``, ``head_output``, ``collect``
       without ``column_sums``, ``probs`` without a column rewrite, at most one column rewrite; no
       softcap, dropout or output_attentions) and at least COLUMN_MIN_ROWS rows are requested, the
-      dispatcher takes the column path: the fused kernel gives every row's output and logsumexp,
-      ``column_sums`` come from one pass without P@V, and the output is corrected as
-      out'_i = factor_i * out_i + sum_{j in cols} (new_ij - factor_i * P_ij) V_j. Otherwise it calls
+      dispatcher takes the column path: one pass per row chunk gives the scores, softmax, column
+      sums, P@V and each row's logsumexp; P at ``cols`` is recomputed from q.k_j and the logsumexp,
+      and the output is corrected as out'_i = factor_i * out_i + sum_{j in cols} (new_ij - factor_i *
+      P_ij) V_j (rows whose factor exceeds dispatch.COLUMN_MAX_FACTOR are computed again with
+      ``probs`` on full rows: the correction's rounding grows with the factor). Otherwise it calls
       ``probs``, which must give the same result (the tests compare both paths).
     - ``head_output(ctx, layer, out) -> out``: per-head attention output (B, q, H, D) before o_proj.
     - ``observe(ctx, layer, probs) -> None``: read-only look at the final probabilities.
