@@ -248,6 +248,13 @@ class Handle:
                 pos = ctx.positions_for_layer(layer)
             if pos is None:
                 return None
+            if not ctx.is_prefill:
+                # a decode step: the new tokens' rows, rotary embeddings and position ids are all kept;
+                # only an attention mask's key columns need the layer's compacted cache
+                mask = kwargs.get("attention_mask")
+                if mask is None:
+                    return None
+                return args, dict(kwargs, attention_mask=self._gathered_input("attention_mask", mask, pos))
             return self._shrink_layer_inputs(args, kwargs, hidden if dropped else None, pos)
 
         return hook
@@ -319,8 +326,6 @@ class Handle:
         """The decoder layer's inputs for the kept positions: its hidden states (when this layer
         dropped rows), attention mask, rotary embeddings and position ids, each gathered once per
         forward and drop stage."""
-        ctx = self.ctx
-        cache = self._gathered
         kwargs = dict(kwargs)
         if hidden is not None:
             if args:
@@ -329,13 +334,17 @@ class Handle:
                 kwargs["hidden_states"] = hidden
         for key in ("attention_mask", "position_embeddings", "position_ids"):
             value = kwargs.get(key)
-            if value is None:
-                continue
-            tag = (key, id(value), id(pos))
-            if tag not in cache:
-                cache[tag] = (value, self._gather_input(key, value, pos))  # holds value so its id stays its own
-            kwargs[key] = cache[tag][1]
+            if value is not None:
+                kwargs[key] = self._gathered_input(key, value, pos)
         return args, kwargs
+
+    def _gathered_input(self, key: str, value: Any, pos: torch.Tensor) -> Any:
+        """``_gather_input`` once per forward, input tensor and drop stage."""
+        tag = (key, id(value), id(pos))
+        hit = self._gathered.get(tag)
+        if hit is None:
+            hit = self._gathered[tag] = (value, self._gather_input(key, value, pos))  # holds value: its id stays its own
+        return hit[1]
 
     def _gather_input(self, key: str, value: Any, pos: torch.Tensor) -> Any:
         ctx = self.ctx
