@@ -42,14 +42,22 @@ class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_types = ("llava_next",)
 
-    def _highres_shape(self, image_size: Any) -> tuple[int, int]:
-        """(rows, cols) of the unpadded high-res grid, as the model's pack_image_features builds it."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    def crop_grid(self, image_size: Any) -> tuple[int, int]:
+        """(rows, cols) of the high-res crops of an image of ``image_size`` (height, width): the image
+        processor cuts the resized image into rows x cols vision-sized crops, row-major after the base view."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-        side = _base_side(self.config)
         gh, gw = get_anyres_image_grid_shape(
             [int(x) for x in image_size], self.config.image_grid_pinpoints, self.config.vision_config.image_size
         )
+        return int(gh), int(gw)
+
+    def _highres_shape(self, image_size: Any) -> tuple[int, int]:
+        """(rows, cols) of the unpadded high-res grid, as the model's pack_image_features builds it."""
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        side = _base_side(self.config)
+        gh, gw = self.crop_grid(image_size)
         feat = unpad_image(torch.zeros(1, gh * side, gw * side), torch.as_tensor(image_size))
         return self._limit(feat.shape[1], feat.shape[2], side)
 
