@@ -90,7 +90,7 @@ def test_bad_arguments_one_line():
         assert "\n" not in str(err.value) and str(err.value).startswith("visionzip:")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next", "instructblip"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "instructblip"])
 def test_unsupported_family(family):
     model, inputs = tiny(family)
     with pytest.raises(errors.UnsupportedModelError) as err:

@@ -14,14 +14,20 @@ import torch
 from ..errors import MethodArgumentError
 from .base import MethodConfig, check_int, check_range
 from .registry import register
-from .vision_side import VisionPlan, VisionPruner, VisionStats
+from .vision_side import Reduction, VisionPlan, VisionPruner, VisionStats
 
 #: Official object layers (1-based) and the encoder depth they were set for, per family. Source: the
-#: official README's hyper-parameter table and bench_llava.sh (HIPRUNE_OBJECT_LAYER=9 for
-#: LLaVA-1.5's CLIP ViT-L/14-336, 24 layers; also 9 for LLaVA-NeXT and 16 for Qwen2.5-VL's 32-layer
-#: ViT, families this toolkit does not prune). Gemma3 (SigLIP) has no official value: CLIP's 9/24 is
-#: used, rescaled to the tower's depth like every default (SigLIP-So400m, 27 layers: 10).
-OBJECT_LAYER: dict[str, tuple[int, int]] = {"llava": (9, 24), "gemma3": (9, 24)}
+#: official README's hyper-parameter table, bench_llava.sh and bench_llava_next.sh
+#: (HIPRUNE_OBJECT_LAYER=9 for LLaVA-1.5's and LLaVA-NeXT's CLIP ViT-L/14-336, 24 layers; 16 for
+#: Qwen2.5-VL's 32-layer ViT, a family this toolkit does not prune). Gemma3 (SigLIP) has no official
+#: value: CLIP's 9/24 is used, rescaled to the tower's depth like every default (SigLIP-So400m, 27
+#: layers: 10).
+OBJECT_LAYER: dict[str, tuple[int, int]] = {"llava": (9, 24), "llava_next": (9, 24), "gemma3": (9, 24)}
+
+#: Default token budget per image, per family: the official HIPRUNE_RETENTION of bench_llava.sh (192,
+#: LLaVA-1.5) and bench_llava_next.sh (640, LLaVA-NeXT; the README lists 640/320/160 of at most
+#: 2880 = 5 crops x 576). Gemma3 has no official value and takes LLaVA-1.5's.
+DEFAULT_BUDGET: dict[str, int] = {"llava": 192, "llava_next": 640, "gemma3": 192}
 
 
 def default_object_layer(family: str, depth: int) -> int:
@@ -60,25 +66,33 @@ def hiprune_select(
     return torch.stack(out)
 
 
+def check_anchors(budget: int, alpha: float, what: str = "budget") -> None:
+    """MethodArgumentError when the anchors and their buffers could exceed ``budget`` tokens."""
+    if 5 * anchor_count(budget, alpha) > budget:
+        raise MethodArgumentError(
+            f"hiprune: alpha={alpha!r} gives {anchor_count(budget, alpha)} anchors, whose "
+            f"buffers could exceed {what}={budget}; lower alpha"
+        )
+
+
 @dataclasses.dataclass
 class HiPruneConfig(MethodConfig):
-    """budget: tokens kept per image; alpha: share of the budget for anchors and their buffers;
-    object_layer: 1-based vision layer of the anchors (None: the family's default)."""
+    """budget: tokens kept per image (None: the family's default, see DEFAULT_BUDGET); alpha: share of
+    the budget for anchors and their buffers; object_layer: 1-based vision layer of the anchors (None:
+    the family's default)."""
 
-    budget: int = 192
+    budget: int | None = None
     alpha: float = 0.1
     object_layer: int | None = None
 
     def validate(self) -> None:
-        check_int("hiprune", "budget", self.budget, 1, None)
+        if self.budget is not None:
+            check_int("hiprune", "budget", self.budget, 1, None)
         check_range("hiprune", "alpha", self.alpha, 0.0, 1.0)
         if self.object_layer is not None:
             check_int("hiprune", "object_layer", self.object_layer, 1, None)
-        if 5 * anchor_count(self.budget, self.alpha) > self.budget:
-            raise MethodArgumentError(
-                f"hiprune: alpha={self.alpha!r} gives {anchor_count(self.budget, self.alpha)} anchors, whose "
-                f"buffers could exceed budget={self.budget}; lower alpha"
-            )
+        if self.budget is not None:
+            check_anchors(self.budget, self.alpha)
 
 
 @register
@@ -94,20 +108,28 @@ class HiPrune(VisionPruner):
     the projector takes (LLaVA-1.5: ``vision_feature_layer`` -2; Gemma3: the last layer). Tokens
     keep their grid order. A budget >= the image's token count leaves the model unchanged.
 
-    Families: ``llava`` (LLaVA-1.5, CLIP, "default" strategy) and ``gemma3`` (SigLIP; selection on the
-    projector's pooled cells, a cell's attention the mean over its patches as the official Qwen2.5-VL
-    code averages over each 2x2 merge group, the grid width that of the pooled grid). Other families
-    raise UnsupportedModelError at wrap().
+    Families: ``llava`` (LLaVA-1.5, CLIP, "default" strategy), ``llava_next`` (LLaVA-NeXT: the
+    image's budget is split evenly over its crops, base view included, ``budget // crops`` each, as
+    the official ``encode_images`` divides HIPRUNE_RETENTION by the crops it encodes; each crop
+    selects on its own grid; the base crop's tokens come first, then the high-res crops' read
+    row-major across the whole high-res grid, with no unpadding and no newline tokens, as the
+    official code forces the 'spatial' merge; see ``vision_side``) and ``gemma3`` (SigLIP; selection
+    on the projector's pooled cells, a cell's attention the mean over its patches as the official
+    Qwen2.5-VL code averages over each 2x2 merge group, the grid width that of the pooled grid).
+    Other families raise UnsupportedModelError at wrap().
 
-    Defaults (official README table, bench_llava.sh): ``budget=192`` (the README's LLaVA-1.5 settings
-    are 192/128/64 tokens per image), ``alpha=0.1``, ``object_layer`` 9 for CLIP ViT-L/14 (24
-    layers); see ``OBJECT_LAYER``. For towers of another depth the default is rescaled,
+    Defaults (official README table, bench_llava.sh, bench_llava_next.sh): ``budget`` 192 per image
+    for LLaVA-1.5 (the README's settings are 192/128/64) and Gemma3, 640 per image for LLaVA-NeXT
+    (README: 640/320/160), see ``DEFAULT_BUDGET``; ``alpha=0.1``; ``object_layer`` 9 for CLIP
+    ViT-L/14 (24 layers); see ``OBJECT_LAYER``. For towers of another depth the default is rescaled,
     ``round(9 * depth / 24)`` (at least 1); an explicit ``object_layer`` is used as given and must
     be within the tower. ``self.report`` (a PruneReport) describes the last prompt.
     """
 
     name = "hiprune"
     Config = HiPruneConfig
+    #: the budget in use: ``config.budget``, or the family's default (``DEFAULT_BUDGET``) once wrapped
+    budget: int | None = None
 
     def check_plan(self, plan: VisionPlan) -> None:
         depth = len(plan.layers)
@@ -116,6 +138,18 @@ class HiPrune(VisionPruner):
                 f"hiprune: object_layer={self.config.object_layer} is out of range [1, {depth}] "
                 f"for this {depth}-layer vision encoder"
             )
+        self.budget = self.config.budget if self.config.budget is not None else DEFAULT_BUDGET[plan.family]
+        check_anchors(self.budget, self.config.alpha)
+        n = plan.side * plan.side
+        for crops in plan.crop_counts:  # llava_next: every crop count an image can have
+            keep = self.budget // crops
+            if keep == 0:
+                raise MethodArgumentError(
+                    f"hiprune: budget={self.budget} leaves no token to each crop of an image of {crops} crops "
+                    f"(llava_next splits the budget evenly over an image's crops); raise budget to >= {crops}"
+                )
+            if keep < n:
+                check_anchors(keep, self.config.alpha, what=f"per-crop budget ({crops} crops)")
 
     def object_index(self, plan: VisionPlan) -> int:
         """0-based encoder layer of the anchors."""
@@ -125,19 +159,23 @@ class HiPrune(VisionPruner):
         return layer - 1
 
     def keep_count(self, n: int) -> int:
-        return self.config.budget
+        return self.budget
+
+    def crop_keep(self, n: int, crops: int) -> int:
+        return self.budget // crops
 
     def stat_layers(self, plan: VisionPlan) -> list[int]:
         return [self.object_index(plan), plan.feature_layer]
 
-    def reduce(
-        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan
-    ) -> torch.Tensor:
+    def reduce_crops(
+        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan, keep: int
+    ) -> Reduction:
         idx = hiprune_select(
             stats[self.object_index(plan)].mean_attn,
             stats[plan.feature_layer].mean_attn,
-            self.config.budget,
+            keep,
             self.config.alpha,
             plan.side,
         )
-        return tokens.gather(1, idx.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1]))
+        kept = tokens.gather(1, idx.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1]))
+        return Reduction(kept, idx, lead=0)

@@ -23,9 +23,44 @@ torch hooks, all installed in ``attach`` and removed in ``detach``:
   had been written with fewer placeholders (as the official code feeds fewer tokens).
 
 Families: ``llava`` (LLaVA-1.5: CLIP with [CLS], ``vision_feature_select_strategy="default"`` and
-an int ``vision_feature_layer``) and ``gemma3`` (SigLIP, no [CLS]; the 4x4 average pool of the
-projector makes one LLM token per pooled cell, so the per-patch statistics are averaged over each
-cell, as HiPrune's Qwen2.5-VL code averages over each 2x2 merge group).
+an int ``vision_feature_layer``), ``llava_next`` (LLaVA-NeXT anyres, same tower settings; see below)
+and ``gemma3`` (SigLIP, no [CLS]; the 4x4 average pool of the projector makes one LLM token per
+pooled cell, so the per-patch statistics are averaged over each cell, as HiPrune's Qwen2.5-VL code
+averages over each 2x2 merge group).
+
+LLaVA-NeXT. The tower encodes each image as a base view plus rows x cols high-res crops, every crop
+a full CLIP grid; transformers' ``LlavaNextModel.pack_image_features`` then lays the base grid out,
+unpads the high-res grid (drops rows or columns that only show the processor's padding) and ends
+every high-res row with an ``image_newline`` token. Both official repositories reduce every crop on
+its own and then build a different layout, which attnkit follows:
+
+- VisionZip (``visionzip/clip_encoder.py`` ``CLIPVisionTower_VisionZip.forward``; layout in
+  ``visionzip/llava_arch.py`` ``restore_image_features_sorted``): every crop, base included, keeps
+  [CLS] + ``dominant - 1`` patches + ``contextual`` merged tokens. The base crop enters as is (CLS,
+  dominant patches, contextual); the high-res crops' dominant patches are put back on the whole
+  high-res grid and read row-major across crops, followed by the high-res crops' [CLS] tokens and
+  then their contextual tokens (crop by crop). No unpadding and no newline token: the official code
+  builds the newline tensor but never concatenates it (its ``grid_with_newline`` is the bare grid).
+- HiPrune (``LLaVA/llava/model/llava_arch.py`` ``encode_images`` and
+  ``prepare_inputs_labels_for_multimodal``): the retention budget is split evenly over the crops
+  that were encoded together (``int(HIPRUNE_RETENTION / B)``, B crops, base included; its
+  benchmarks run one image per batch), every crop selects anchors, buffers (+-1, +-24 on its own
+  24x24 grid) and registers, and the merge type is forced to ``'spatial'``: no unpadding, no newline
+  tokens, the base crop's kept tokens first, then the high-res crops' kept tokens read row-major
+  across the whole high-res grid.
+
+Where attnkit differs: the per-crop split of HiPrune's budget is per image (``budget //`` the
+image's crop count, the official rule with one image per batch); VisionZip with ``contextual=0``
+appends nothing (the official ``image_feature[:, -0:]`` would append every token of every crop
+again); grid sizes come from the model (the official code hard-codes 24 and 576); and an image
+whose crops would keep all their tokens is packed by transformers unchanged (unpadded, with
+newlines), so a budget >= the tokens of every crop leaves the model unchanged, where the official
+code would still drop unpadding and newlines. The reduction runs where transformers packs the
+features: ``pack_image_features`` of the inner model is shadowed by an instance attribute for the
+life of the handle (``detach`` deletes it), since it is the only place that sees both the crops and
+``image_sizes`` (generate() encodes images through ``get_image_features`` and drops ``image_sizes``
+before the first forward). The [CLS] and patch states come from the tower's ``vision_feature_layer``
+output (the tensor the projector reads), and the reduced tokens are projected there.
 """
 
 from __future__ import annotations
@@ -40,7 +75,7 @@ from ..errors import InputError, UnsupportedModelError
 from .base import Method
 from .pruning import LayerShape, PruneReport
 
-SUPPORTED_FAMILIES = ("llava", "gemma3")
+SUPPORTED_FAMILIES = ("llava", "llava_next", "gemma3")
 
 
 @dataclass
@@ -58,6 +93,39 @@ class VisionStats:
     keys: torch.Tensor
     cls_key: torch.Tensor | None = None
 
+    def rows(self, index: slice) -> VisionStats:
+        """The statistics of images ``index`` of the batch (LLaVA-NeXT: the crops of one image)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return VisionStats(pick(self.cls_attn), self.mean_attn[index], self.keys[index], pick(self.cls_key))
+
+
+@dataclass
+class Reduction:
+    """One image's (or crop's) reduced tokens and where they came from.
+
+    ``tokens`` (B, k, D) in the order the method gives them; ``tokens[:, lead : lead + g]`` are grid
+    patches kept as they are, at the sorted patch indices ``grid`` (B, g); the first ``lead`` tokens
+    ([CLS]) and the tokens after the grid ones (VisionZip's contextual tokens) have no grid position.
+    """
+
+    tokens: torch.Tensor
+    grid: torch.Tensor
+    lead: int = 0
+
+
+def anyres_order(grid: torch.Tensor, rows: int, cols: int, side: int) -> torch.Tensor:
+    """Order of the kept grid patches of rows x cols crops read row-major across the whole high-res grid.
+
+    grid (rows*cols, g): sorted patch indices (row-major on a crop's side x side grid) kept in each
+    crop, crops row-major. Returns the permutation of ``grid.flatten()`` (crop-major) that reads them
+    along the rows of the (rows*side) x (cols*side) grid, as the official LLaVA-NeXT code of VisionZip
+    and HiPrune lays them out (without unpadding or newline tokens).
+    """
+    crop = torch.arange(grid.shape[0], device=grid.device)[:, None]
+    y = (crop // cols) * side + grid // side
+    x = (crop % cols) * side + grid % side
+    return (y * (cols * side) + x).flatten().argsort()
+
 
 @dataclass(frozen=True)
 class VisionPlan:
@@ -69,6 +137,7 @@ class VisionPlan:
     has_cls: bool
     side: int  # LLM-side tokens per image side
     pool: int  # patches per LLM token side (1: one token per patch)
+    crop_counts: tuple[int, ...] = ()  # llava_next: the crops (base included) an image can have
 
 
 def _encoder_layers(tower: torch.nn.Module) -> list[torch.nn.Module]:
@@ -95,19 +164,23 @@ def make_plan(method: str, adapter: Any) -> VisionPlan:
     layers = _encoder_layers(tower)
     vcfg = cfg.vision_config
     patches = vcfg.image_size // vcfg.patch_size
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         fl = cfg.vision_feature_layer
         if not isinstance(fl, int) or isinstance(fl, bool):
-            raise UnsupportedModelError(f"{method}: llava with several vision_feature_layer values is not supported")
+            raise UnsupportedModelError(f"{method}: {family} with several vision_feature_layer values is not supported")
         if cfg.vision_feature_select_strategy != "default":
             raise UnsupportedModelError(
-                f"{method}: llava with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} "
+                f"{method}: {family} with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} "
                 "is not supported (only 'default')"
             )
         index = fl % (len(layers) + 1) - 1  # hidden_states[i] is the output of encoder layer i - 1
         if index < 0:
-            raise UnsupportedModelError(f"{method}: llava vision_feature_layer={fl} takes the embeddings, not a layer")
-        return VisionPlan(family, layers, index, True, patches, 1)
+            raise UnsupportedModelError(f"{method}: {family} vision_feature_layer={fl} takes the embeddings, not a layer")
+        crops: tuple[int, ...] = ()
+        if family == "llava_next":
+            tile = vcfg.image_size
+            crops = tuple(sorted({1 + (int(h) // tile) * (int(w) // tile) for h, w in cfg.image_grid_pinpoints}))
+        return VisionPlan(family, layers, index, True, patches, 1, crops)
     side = math.isqrt(int(cfg.mm_tokens_per_image))
     return VisionPlan(family, layers, len(layers) - 1, False, side, patches // side)
 
@@ -127,11 +200,20 @@ class VisionPruner(Method):
         self._stats: dict[int, VisionStats] = {}  # from the vision tower's last forward
         self._cls: torch.Tensor | None = None  # (B, D) [CLS] hidden state at the feature layer
         self._state: dict[str, Any] | None = None  # the last pruned prompt, for its decode steps
+        self._feats: torch.Tensor | None = None  # llava_next: (crops, 1 + N, D) feature-layer states
+        self._encoded: list[tuple[int, int]] | None = None  # llava_next: (full, kept) per image last packed
+        self._packed: torch.nn.Module | None = None  # llava_next: the module whose pack_image_features we shadow
+        self._prunes = False
 
     # -- subclass interface ----------------------------------------------------------------
     def keep_count(self, n: int) -> int:
         """LLM tokens an image of ``n`` tokens keeps (>= n: the image is left unchanged)."""
         raise NotImplementedError
+
+    def crop_keep(self, n: int, crops: int) -> int:
+        """LLaVA-NeXT: tokens each crop of ``n`` tokens keeps in an image of ``crops`` crops (base
+        included); >= n: the image is left unchanged. Default: ``keep_count(n)`` per crop."""
+        return self.keep_count(n)
 
     def stat_layers(self, plan: VisionPlan) -> list[int]:
         """Encoder layer indices whose attention statistics ``reduce`` needs."""
@@ -144,6 +226,12 @@ class VisionPruner(Method):
         self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan
     ) -> torch.Tensor:
         """(B, N, D) image tokens (and (B, D) [CLS] or None) -> (B, keep_count(N), D) tokens for the LLM."""
+        return self.reduce_crops(tokens, cls, stats, plan, self.keep_count(tokens.shape[1])).tokens
+
+    def reduce_crops(
+        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan, keep: int
+    ) -> Reduction:
+        """As ``reduce`` with ``keep`` tokens per image (crop), and the grid positions of the kept patches."""
         raise NotImplementedError
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -153,8 +241,14 @@ class VisionPruner(Method):
         self.check_plan(plan)
         self._plan, self._adapter = plan, adapter
         self._stats, self._state, self._cls, self.report = {}, None, None, None
+        self._feats, self._encoded = None, None
         model = handle.model
-        prunes = self.keep_count(plan.side * plan.side) < plan.side * plan.side
+        n = plan.side * plan.side
+        if plan.family == "llava_next":
+            prunes = any(self.crop_keep(n, c) < n for c in plan.crop_counts)
+        else:
+            prunes = self.keep_count(n) < n
+        self._prunes = prunes
         try:
             for i in sorted(set(self.stat_layers(plan))) if prunes else []:
                 attn = plan.layers[i].self_attn
@@ -165,6 +259,9 @@ class VisionPruner(Method):
             elif plan.family == "llava":
                 self._hooks.append(adapter.vision_tower().register_forward_hook(self._on_tower_output))
                 self._hooks.append(projector.register_forward_pre_hook(self._on_projector_input))
+            elif plan.family == "llava_next":
+                self._hooks.append(adapter.vision_tower().register_forward_hook(self._on_tower_output))
+                self._shadow_pack(model.model)
             else:
                 self._hooks.append(projector.mm_soft_emb_norm.register_forward_pre_hook(self._on_projector_input))
             self._hooks.append(model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
@@ -176,7 +273,11 @@ class VisionPruner(Method):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._packed is not None and vars(self._packed).get("pack_image_features") == self._pack:
+            del self._packed.pack_image_features
+        self._packed = None
         self._stats, self._state, self._cls = {}, None, None
+        self._feats, self._encoded = None, None
 
     # -- vision side -----------------------------------------------------------------------
     def _stat_hook(self, index: int):
@@ -219,11 +320,112 @@ class VisionPruner(Method):
         return torch.nn.functional.avg_pool2d(grid, plan.pool).flatten(2).transpose(1, 2)
 
     def _on_tower_output(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        """LLaVA: keep the [CLS] hidden state of the feature layer (the projector never sees it)."""
+        """LLaVA: keep the [CLS] hidden state of the feature layer (the projector never sees it);
+        LLaVA-NeXT: keep the whole feature-layer output ([CLS] and patches) of every crop."""
         states = getattr(output, "hidden_states", None)
         fl = self._adapter.config.vision_feature_layer
         if states is not None and -len(states) <= fl < len(states) and states[fl] is not None:
-            self._cls = states[fl][:, 0]
+            if self._plan.family == "llava_next":
+                self._feats = states[fl]
+            else:
+                self._cls = states[fl][:, 0]
+
+    # -- LLaVA-NeXT ------------------------------------------------------------------------
+    def _shadow_pack(self, inner: torch.nn.Module) -> None:
+        if "pack_image_features" in vars(inner):
+            raise UnsupportedModelError(
+                f"{self.name}: pack_image_features of this llava_next model is already replaced "
+                "(one vision-side pruning method per model)"
+            )
+        inner.pack_image_features = self._pack
+        self._packed = inner
+
+    def _image_counts(self, image_sizes: Any) -> list[tuple[int, int, int, int, int]]:
+        """Per image: (crops, crop rows, crop cols, placeholder tokens unpruned, tokens kept)."""
+        n = self._plan.side * self._plan.side
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        fulls = self._adapter.image_token_counts({"image_sizes": image_sizes})
+        out = []
+        for size, full in zip(sizes, fulls):
+            rows, cols = self._adapter.crop_grid(size)
+            crops = 1 + rows * cols
+            keep = self.crop_keep(n, crops)
+            out.append((crops, rows, cols, full, full if keep >= n else crops * keep))
+        return out
+
+    def _pack(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        """Stands in for ``LlavaNextModel.pack_image_features`` while the handle is attached.
+
+        image_features: per image, its (crops, N, D) projected crop tokens. An image whose crops keep
+        every token goes through the model's own packing; the others are reduced crop by crop from the
+        feature-layer states and laid out as the official code does (see the module docstring).
+        """
+        inner, plan = self._packed, self._plan
+        original = type(inner).pack_image_features.__get__(inner)
+        n = plan.side * plan.side
+        counts = self._image_counts(image_sizes)
+        crops = [int(f.shape[0]) for f in image_features]
+        if [c[0] for c in counts] != crops:
+            raise RuntimeError(f"{self.name}: image_sizes give {[c[0] for c in counts]} crops, features {crops}")
+        feats, stats = self._feats, self._stats
+        self._feats, self._stats = None, {}
+        out: list[torch.Tensor] = []
+        start = 0
+        for i, (feature, (c, rows, cols, full, kept)) in enumerate(zip(image_features, counts)):
+            rng = slice(start, start + c)
+            start += c
+            keep = self.crop_keep(n, c)
+            if keep >= n:
+                whole, _ = original([feature], image_sizes[i : i + 1], vision_feature_select_strategy, image_newline)
+                out.append(whole[0])
+                continue
+            missing = [j for j in self.stat_layers(plan) if j not in stats]
+            if missing or feats is None:
+                raise RuntimeError(f"{self.name}: the vision encoder did not run before its features were packed")
+            if feats.shape[0] != sum(crops) or feats.shape[1] != n + 1:
+                raise RuntimeError(
+                    f"{self.name}: vision states of shape {tuple(feats.shape)} do not match {sum(crops)} crops"
+                )
+            sub = {j: st.rows(rng) for j, st in stats.items()}
+            red = self.reduce_crops(feats[rng, 1:], feats[rng, 0], sub, plan, keep)
+            tokens = inner.multi_modal_projector(red.tokens.to(feats.dtype)).to(feature.dtype)  # (c, keep, D)
+            g, lead = red.grid.shape[1], red.lead
+            high = tokens[1:]
+            order = anyres_order(red.grid[1:], rows, cols, plan.side).to(tokens.device)
+            dim = tokens.shape[-1]
+            packed = torch.cat(
+                [
+                    tokens[0],  # base view: the method's own per-crop order
+                    high[:, lead : lead + g].reshape(-1, dim)[order],  # kept patches, row-major on the high-res grid
+                    high[:, :lead].reshape(-1, dim),  # [CLS] of each high-res crop
+                    high[:, lead + g :].reshape(-1, dim),  # contextual tokens, crop by crop
+                ]
+            )
+            if packed.shape[0] != kept:
+                raise RuntimeError(f"{self.name}: packed {packed.shape[0]} tokens for an image, expected {kept}")
+            out.append(packed)
+        self._encoded = [(full, kept) for _, _, _, full, kept in counts]
+        lens = torch.tensor([t.shape[0] for t in out], dtype=torch.long, device=image_features[0].device)
+        return out, lens
+
+    def _next_counts(self, kwargs: dict) -> list[tuple[int, int]]:
+        """LLaVA-NeXT: (placeholders unpruned, kept) per image of the batch, in order."""
+        if kwargs.get("pixel_values") is not None:
+            if kwargs.get("image_sizes") is None:
+                raise InputError(f"{self.name}: llava_next needs image_sizes with pixel_values")
+            return [(full, kept) for _, _, _, full, kept in self._image_counts(kwargs["image_sizes"])]
+        # generate() encoded the images (through _pack) before this first forward, without image_sizes
+        encoded = kwargs["mm_encoder_outputs"]["image"].pooler_output
+        lens = [int(t.shape[0]) for t in encoded]
+        if not self._prunes:
+            return [(m, m) for m in lens]
+        got, self._encoded = self._encoded, None
+        if got is None or [k for _, k in got] != lens:
+            raise InputError(
+                f"{self.name}: mm_encoder_outputs were not encoded by this wrapped model; "
+                "pass pixel_values and image_sizes"
+            )
+        return got
 
     def _on_projector_input(self, module: torch.nn.Module, args: tuple) -> tuple | None:
         """Replace the (B, N, D) image tokens entering the projector by the reduced (B, kept, D)."""
@@ -262,30 +464,46 @@ class VisionPruner(Method):
             return None
         return args, self._rewrite_decode(kwargs, ref.shape[1], past_len)
 
-    def _shrink_prompt(self, kwargs: dict) -> dict:
+    def _spans(self, kwargs: dict) -> list[list[tuple[int, int, int]]]:
+        """Per row, (start, end, kept) of each image's placeholder run."""
         input_ids = kwargs["input_ids"]
-        bsz, seq = input_ids.shape
+        if self._plan.family == "llava_next":
+            counts = self._next_counts(kwargs)
+            try:
+                runs = self._adapter.split_spans(input_ids, [full for full, _ in counts])
+            except ValueError as err:
+                raise InputError(f"{self.name}: {err}") from None
+            if sum(len(r) for r in runs) != len(counts):
+                raise InputError(f"{self.name}: {len(counts)} images but {sum(len(r) for r in runs)} placeholder runs")
+            kept = iter(k for _, k in counts)
+            return [[(s, e, next(kept)) for s, e in row] for row in runs]
         n = self._plan.side * self._plan.side
         # runs of placeholders; back-to-back images (one run) are cut into images of n tokens each
         runs = self._adapter.split_spans(input_ids, None)
         bad = sorted({e - s for row in runs for s, e in row if (e - s) % n})
         if bad:
             raise InputError(f"{self.name}: image runs of {bad} tokens, expected multiples of {n} (one image = {n})")
-        spans = [[(p, p + n) for s, e in row for p in range(s, e, n)] for row in runs]
         kept = self.keep_count(n)
+        return [[(p, p + n, kept) for s, e in row for p in range(s, e, n)] for row in runs]
+
+    def _shrink_prompt(self, kwargs: dict) -> dict:
+        input_ids = kwargs["input_ids"]
+        bsz, seq = input_ids.shape
+        spans = self._spans(kwargs)
         lm_layers = self._adapter.num_layers
         real = kwargs.get("attention_mask")
         real = torch.ones_like(input_ids, dtype=torch.bool) if real is None else real.bool()
-        img_row = max((len(r) for r in spans), default=0)
-        if kept >= n:  # nothing to prune: the model runs unchanged
+        img_full = max((sum(e - s for s, e, _ in row) for row in spans), default=0)
+        img_kept = max((sum(min(k, e - s) for s, e, k in row) for row in spans), default=0)
+        if all(k >= e - s for row in spans for s, e, k in row):  # nothing to prune: the model runs unchanged
             self.report = PruneReport(
-                self.name, seq, n * img_row, [seq] * lm_layers, [n * img_row] * lm_layers
+                self.name, seq, img_full, [seq] * lm_layers, [img_full] * lm_layers
             ).finish(LayerShape.from_adapter(self._adapter))
             return kwargs
         keep = torch.ones(bsz, seq, dtype=torch.bool)
         for r, row in enumerate(spans):
-            for s, e in row:
-                keep[r, s + kept : e] = False
+            for s, e, k in row:
+                keep[r, s + k : e] = False
         counts = keep.sum(1)
         width = int(counts.max())
         # gather index (B, width): left-padded again when rows drop different numbers of tokens
@@ -312,9 +530,9 @@ class VisionPruner(Method):
         self.report = PruneReport(
             self.name,
             seq,
-            n * img_row,
+            img_full,
             [width] * lm_layers,
-            [kept * img_row] * lm_layers,
+            [img_kept] * lm_layers,
         ).finish(LayerShape.from_adapter(self._adapter))
         return out
 

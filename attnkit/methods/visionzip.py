@@ -12,7 +12,7 @@ import torch
 
 from .base import MethodConfig, check_int
 from .registry import register
-from .vision_side import VisionPlan, VisionPruner, VisionStats
+from .vision_side import Reduction, VisionPlan, VisionPruner, VisionStats
 
 
 @dataclasses.dataclass
@@ -46,6 +46,18 @@ def visionzip_merge(
     (the first C); each other token goes to the target of highest cosine similarity; a contextual
     token is its target's hidden state plus the mean of the hidden states assigned to it.
     """
+    return _merge(tokens, score, keys, n_dominant, n_contextual, cls)[0]
+
+
+def _merge(
+    tokens: torch.Tensor,
+    score: torch.Tensor,
+    keys: torch.Tensor,
+    n_dominant: int,
+    n_contextual: int,
+    cls: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``visionzip_merge`` and the (B, n_dominant) sorted indices of the dominant tokens."""
     bsz, n, dim = tokens.shape
     top = score.topk(n_dominant, dim=1).indices
     is_dom = torch.zeros(bsz, n, dtype=torch.bool, device=tokens.device).scatter_(1, top, True)
@@ -66,7 +78,7 @@ def visionzip_merge(
         counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (B, C, 1)
         merged = torch.bmm(assign.transpose(1, 2), hidden[:, others]) / counts
         parts.append(hidden[:, targets] + merged)
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1), top.sort(dim=1).values
 
 
 @register
@@ -84,16 +96,22 @@ class VisionZip(VisionPruner):
     (original order) then contextual tokens, per image; each image's placeholder run in input_ids is
     shortened to that count and the shortened prompt has contiguous positions.
 
-    Families: ``llava`` (LLaVA-1.5, CLIP, "default" strategy) and ``gemma3`` (SigLIP; ranking and
-    merging run on the projector's pooled cells: a cell's score and key are the mean over its
-    patches, its hidden state is the pooled feature entering the projector's norm; not in the
-    official code, which covers LLaVA-family CLIP towers). Other families raise
+    Families: ``llava`` (LLaVA-1.5, CLIP, "default" strategy), ``llava_next`` (LLaVA-NeXT: every
+    crop, the base view included, keeps ``dominant + contextual`` tokens; the high-res crops' dominant
+    patches are read row-major across the whole high-res grid, then their [CLS] tokens, then their
+    contextual tokens; no unpadding and no newline tokens, as the official ``visionzip/llava_arch.py``
+    ``restore_image_features_sorted``; details and differences in ``vision_side``) and ``gemma3``
+    (SigLIP; ranking and merging run on the projector's pooled cells: a cell's score and key are the
+    mean over its patches, its hidden state is the pooled feature entering the projector's norm; not
+    in the official code, which covers LLaVA-family CLIP towers). Other families raise
     UnsupportedModelError at wrap().
 
     Defaults: ``dominant=54, contextual=10`` (64 tokens per image), the official README's example
     (``visionzip(model, dominant=54, contextual=10)``); the paper's other LLaVA-1.5 settings are
-    108+20 (128 tokens) and 162+30 (192). ``dominant + contextual >=`` the image's token count leaves
-    the model unchanged. ``self.report`` (a PruneReport) describes the last prompt.
+    108+20 (128 tokens) and 162+30 (192); on LLaVA-NeXT the same numbers count per crop (54+10 gives
+    320 tokens to an image of 5 crops, as the official code, which applies them to every crop).
+    ``dominant + contextual >=`` the image's (crop's) token count leaves the model unchanged.
+    ``self.report`` (a PruneReport) describes the last prompt.
     """
 
     name = "visionzip"
@@ -105,12 +123,13 @@ class VisionZip(VisionPruner):
     def stat_layers(self, plan: VisionPlan) -> list[int]:
         return [plan.feature_layer]
 
-    def reduce(
-        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan
-    ) -> torch.Tensor:
+    def reduce_crops(
+        self, tokens: torch.Tensor, cls: torch.Tensor | None, stats: dict[int, VisionStats], plan: VisionPlan, keep: int
+    ) -> Reduction:
+        # keep is always dominant + contextual: every image (LLaVA-NeXT: every crop) keeps that many
         st = stats[plan.feature_layer]
         if cls is not None:
-            return visionzip_merge(
-                tokens, st.cls_attn, st.keys, self.config.dominant - 1, self.config.contextual, cls=cls
-            )
-        return visionzip_merge(tokens, st.mean_attn, st.keys, self.config.dominant, self.config.contextual)
+            out, dom = _merge(tokens, st.cls_attn, st.keys, self.config.dominant - 1, self.config.contextual, cls)
+            return Reduction(out, dom, lead=1)
+        out, dom = _merge(tokens, st.mean_attn, st.keys, self.config.dominant, self.config.contextual, None)
+        return Reduction(out, dom, lead=0)
