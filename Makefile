@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-prune clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --preset llava15-mini
+
+bench-prune: $(STAMP)
+	$(PY) scripts/bench_prune.py --preset llava15-mini --repeats 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
