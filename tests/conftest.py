@@ -11,6 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+import attnkit  # noqa: E402
 from attnkit import testing  # noqa: E402
 
 FAMILIES = testing.FAMILIES
@@ -60,3 +61,23 @@ def extend_inputs(inputs: dict, new: torch.Tensor) -> dict:
             fill = 1 if key == "attention_mask" else 0
             out[key] = torch.cat([value, value.new_full((ids.shape[0], new.shape[1]), fill)], dim=1)
     return out
+
+
+PADDED_PROMPTS = ["Is there a dog in the image?", "Please describe this image in detail and answer yes or no."]
+
+
+def check_batch_equals_rows(model, family: str, method, n_new: int = 4) -> None:
+    """Under ``method``, a left-padded batch of two prompts (PADDED_PROMPTS, one image each) gives
+    each row the last-token logits (atol 1e-4) and greedy tokens it gets alone."""
+    images = testing.sample_images(2)
+    batch = testing.tiny_inputs(family, prompts=PADDED_PROMPTS, images=images)
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad(), attnkit.wrap(model, method):
+        last = model(**batch).logits[:, -1]
+        gen = model.generate(**batch, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        for row in range(2):
+            alone = testing.tiny_inputs(family, prompts=[PADDED_PROMPTS[row]], images=[images[row]])
+            torch.testing.assert_close(model(**alone).logits[0, -1], last[row], atol=1e-4, rtol=0)
+            one = model.generate(**alone, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+            width = alone["input_ids"].shape[1]
+            assert torch.equal(one[0, width:], gen[row, batch["input_ids"].shape[1] :]), f"row {row}"

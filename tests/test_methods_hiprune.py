@@ -12,17 +12,17 @@ from attnkit import errors
 from attnkit.methods import HiPrune
 from attnkit.methods.hiprune import default_object_layer, hiprune_select
 
-from .conftest import extend_inputs, greedy, logits
+from .conftest import greedy, logits
 from .test_methods_visionzip import (
     FAMILIES,
     N_IMAGE,
     LMInputs,
     ProjectorInput,
+    check_cached_generate,
     hook_counts,
     image_id,
     independent_stats,
     row_alone,
-    suppressed_argmax,
     tiny,
 )
 
@@ -96,12 +96,7 @@ def test_counts_through_generate_and_batch_equals_rows(family, budget, alpha):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_generate_equals_full_recomputation(family):
     model, inputs = tiny(family)
-    n = 6
-    with attnkit.wrap(model, HiPrune(budget=6, alpha=0.5)):
-        tokens = greedy(model, inputs, n=n)
-        for i in range(n):
-            full = logits(model, extend_inputs(inputs, tokens[:, :i]))
-            assert torch.equal(suppressed_argmax(model, full[:, -1]), tokens[:, i]), i
+    check_cached_generate(model, inputs, HiPrune(budget=6, alpha=0.5))
 
 
 def test_anchors_buffers_registers_by_hand():

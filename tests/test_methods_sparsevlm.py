@@ -22,7 +22,7 @@ from attnkit.methods.sparsevlm import (
 )
 from attnkit.models import get_adapter
 
-from .conftest import extend_inputs
+from .conftest import PADDED_PROMPTS, check_batch_equals_rows, extend_inputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,25 +104,11 @@ def test_cached_generate_equals_full_recomputation(family):
             assert torch.equal(full[:, -1].argmax(-1), new[:, t]), f"step {t}"
 
 
-PROMPTS = ["Is there a dog in the image?", "Please describe this image in detail and answer yes or no."]
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("mode", ["drop", "mask"])
 def test_batch_equals_rows_alone(family, mode):
     model, _ = _deep(family)
-    images = testing.sample_images(2)
-    batch = testing.tiny_inputs(family, prompts=PROMPTS, images=images)
-    assert (batch["attention_mask"] == 0).any()
-    with torch.no_grad(), attnkit.wrap(model, SparseVLM(budget=192, mode=mode)):
-        last = model(**batch).logits[:, -1]
-        gen = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        for row in range(2):
-            alone = testing.tiny_inputs(family, prompts=[PROMPTS[row]], images=[images[row]])
-            torch.testing.assert_close(model(**alone).logits[0, -1], last[row], atol=1e-4, rtol=0)
-            one = model.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-            width = alone["input_ids"].shape[1]
-            assert torch.equal(one[0, width:], gen[row, batch["input_ids"].shape[1] :]), f"row {row}"
+    check_batch_equals_rows(model, family, SparseVLM(budget=192, mode=mode))
 
 
 # -- the schedule ----------------------------------------------------------------------------------
@@ -247,7 +233,7 @@ def _layer0_attention(model, hidden0: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("recycle", [False, True])
 def test_raters_ranking_and_recycling_by_hand(recycle):
     model, _ = _deep("llava")
-    inputs = testing.tiny_inputs("llava", prompts=[PROMPTS[1]], images=testing.sample_images(1))
+    inputs = testing.tiny_inputs("llava", prompts=[PADDED_PROMPTS[1]], images=testing.sample_images(1))
     image = get_adapter(model).image_mask(inputs["input_ids"])[0]
     n = int(image.sum())
     with torch.no_grad():

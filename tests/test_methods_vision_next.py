@@ -17,7 +17,7 @@ from attnkit.methods.vision_side import anyres_order
 from attnkit.methods.visionzip import visionzip_merge
 
 from .conftest import extend_inputs, greedy, logits
-from .test_methods_visionzip import LMInputs, hook_counts, suppressed_argmax, tiny
+from .test_methods_visionzip import LMInputs, check_cached_generate, hook_counts, suppressed_argmax, tiny
 
 N_CROP = 16  # tokens per crop in the tiny model (CLIP 32 px, patch 8: 4x4)
 SIDE = 4
@@ -222,13 +222,7 @@ def test_counts_through_generate_and_batch_equals_rows(make):
 @pytest.mark.parametrize("make", METHODS[::2], ids=METHOD_IDS[::2])
 def test_cached_generate_equals_full_recomputation(make):
     model, _ = tiny("llava_next")
-    inputs = mixed_inputs()
-    n = 6
-    with attnkit.wrap(model, make()):
-        tokens = greedy(model, inputs, n=n)
-        for i in range(n):
-            full = logits(model, extend_inputs(inputs, tokens[:, :i]))
-            assert torch.equal(suppressed_argmax(model, full[:, -1]), tokens[:, i]), i
+    check_cached_generate(model, mixed_inputs(), make())
 
 
 @pytest.mark.parametrize("make", [METHODS[0], METHODS[2]], ids=[METHOD_IDS[0], METHOD_IDS[2]])

@@ -14,7 +14,7 @@ from attnkit.methods import Method
 from attnkit.methods.pruning import LayerShape, flops_ratio, layer_flops
 from attnkit.models import get_adapter
 
-from .conftest import FAMILIES, extend_inputs
+from .conftest import FAMILIES, check_batch_equals_rows, extend_inputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,25 +100,10 @@ def test_cached_generate_equals_full_recomputation(family):
     assert torch.equal(masked, out)
 
 
-PROMPTS = ["Is there a dog in the image?", "Please describe this image in detail and answer yes or no."]
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 def test_batch_equals_rows_alone(family):
     model, _ = _deep(family)
-    images = testing.sample_images(2)
-    batch = testing.tiny_inputs(family, prompts=PROMPTS, images=images)
-    assert (batch["attention_mask"] == 0).any()
-    at = _stages(model)
-    with torch.no_grad(), attnkit.wrap(model, EveryOther(at)):
-        last = model(**batch).logits[:, -1]
-        gen = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        for row in range(2):
-            alone = testing.tiny_inputs(family, prompts=[PROMPTS[row]], images=[images[row]])
-            torch.testing.assert_close(model(**alone).logits[0, -1], last[row], atol=1e-4, rtol=0)
-            one = model.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-            width = alone["input_ids"].shape[1]
-            assert torch.equal(one[0, width:], gen[row, batch["input_ids"].shape[1] :]), f"row {row}"
+    check_batch_equals_rows(model, family, EveryOther(_stages(model)))
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
