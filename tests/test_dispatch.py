@@ -319,21 +319,84 @@ class Everything(Method):
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_single_row_path_equals_plain_path(softcap):
-    """A decode step that sees every key takes the short single-row path: same output, weights and
-    callback sequence as the chunked path (reached here with an all-True mask), with softcap too."""
+@pytest.mark.parametrize("padding", ["none", "all-true", "left", "dead-row"])
+def test_single_row_path_equals_plain_path(softcap, padding, monkeypatch):
+    """A decode step takes the short single-row path: same output, weights and callback sequence as the
+    chunked path, with no mask, an all-True mask, left padding and a row that sees no key, softcap too."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    mask = None if padding == "none" else torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    if padding == "left":
+        mask[1, ..., :3] = False
+    elif padding == "dead-row":
+        mask[1] = False
     results = []
-    for mask in (None, torch.ones(2, 1, 1, 7, dtype=torch.bool)):
+    for single in (True, False):
+        monkeypatch.setattr(dispatch, "SINGLE_ROW", single)
         method = Everything()
         module = FakeAttention(2)
         ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, batch_size=2, q_len=1, past_len=6)
         module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: [method])
+        seen = []
+        taken = dispatch._single_row
+        monkeypatch.setattr(dispatch, "_single_row", lambda *a, **kw: seen.append(1) or taken(*a, **kw))
         out, weights = dispatch.attention(module, q, k, v, mask, scaling=0.3, output_attentions=True, softcap=softcap)
+        monkeypatch.setattr(dispatch, "_single_row", taken)
+        assert bool(seen) == single
         results.append((out, weights, method.log))
     (out1, w1, log1), (out2, w2, log2) = results
     torch.testing.assert_close(out1, out2, atol=1e-6, rtol=0)
     torch.testing.assert_close(w1, w2, atol=1e-6, rtol=0)
     assert [name for name, _ in log1] == ["scores", "collect", "probs", "observe", "head_output"]
-    assert log1[:2] == log2[:2] and log1[2:] == log2[2:]
+    assert log1[0] == log2[0] and log1[2:] == log2[2:]
+    assert log1[1][0] == log2[1][0] and abs(log1[1][1] - log2[1][1]) < 1e-5
+    if padding == "dead-row":
+        assert not out1[1].any()
+
+
+# -- left-padded prefill through the fused kernel, per padding group --------------------------------
+
+
+class _GQAModule(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+    layer_idx = 0
+
+
+@pytest.mark.parametrize("starts", [[0, 5, 30, 5], [7], [0, 0, 0]])
+def test_padded_prefill_sdpa_equals_masked_sdpa(starts):
+    """Rows grouped by their padding, each group on its real tokens with is_causal: the same output as
+    sdpa with transformers' padded causal mask (pad query rows: zeros in both)."""
+    torch.manual_seed(0)
+    bsz, length, dim = len(starts), 37, 16
+    pad = torch.ones(bsz, length, dtype=torch.bool)
+    for b, s in enumerate(starts):
+        pad[b, :s] = False
+    mask = sdpa_mask(batch_size=bsz, q_length=length, kv_length=length, mask_function=causal_mask_function,
+                     attention_mask=pad, allow_is_causal_skip=False)
+    q, k, v = torch.randn(bsz, 4, length, dim), torch.randn(bsz, 2, length, dim), torch.randn(bsz, 2, length, dim)
+    module = _GQAModule()
+    ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert dispatch._padded_starts(ctx, mask, length, length).tolist() == starts
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=dim**-0.5)
+    out, _ = dispatch._sdpa(ctx, module, q, k, v, mask, 0.0, dim**-0.5, {})
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    for b, s in enumerate(starts):
+        assert not out[b, :s].any()
+
+
+def test_padded_prefill_sdpa_leaves_other_masks_to_sdpa():
+    """A mask that is not left padding + causal (a bidirectional block, a decode row, a float mask) is
+    not recognised, so those forwards keep transformers' sdpa with the mask."""
+    length = 12
+    pad = torch.ones(2, length, dtype=torch.bool)
+    pad[1, :3] = False
+    mask = sdpa_mask(batch_size=2, q_length=length, kv_length=length, mask_function=causal_mask_function,
+                     attention_mask=pad, allow_is_causal_skip=False)
+    ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert dispatch._padded_starts(ctx, mask, length, length).tolist() == [0, 3]
+    block = mask.clone()
+    block[:, :, 4, 5] = True  # token 4 sees token 5: not causal
+    assert dispatch._padded_starts(ctx, block, length, length) is None
+    assert dispatch._padded_starts(ctx, mask[:, :, -1:], 1, length) is None
+    assert dispatch._padded_starts(ctx, mask.float(), length, length) is None

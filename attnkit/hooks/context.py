@@ -106,6 +106,7 @@ class ForwardContext:
             "attention_mask": self.attention_mask,
         }
         self.__dict__.pop("_views", None)
+        self.__dict__.pop("_padded", None)
         self.__dict__["_view_pos"] = None
 
     def positions_for_layer(self, layer: int) -> torch.Tensor | None:

@@ -51,6 +51,8 @@ COLUMN_CHUNK_ELEMENTS = 2**21
 #: (ACT's factor is large when a row's attention is nearly all on its sinks). Rows whose factor exceeds
 #: this are computed again on the plain path (the method's ``probs`` on the full row).
 COLUMN_MAX_FACTOR = 4.0
+#: A decode step (one query row) takes the short single-row path (tests switch it off to compare).
+SINGLE_ROW = True
 
 
 def mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -81,6 +83,62 @@ def _apply_keep(mask: torch.Tensor | None, keep: torch.Tensor, q_len: int, kv_le
     return keep4 if base is None else base & keep4
 
 
+def _padded_starts(ctx, mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """(B,) each row's first real token when ``mask`` is a prefill's boolean mask made only of left
+    padding and the causal rule (pad query rows see nothing; what transformers' sdpa mask gives a
+    left-padded batch), else None. Checked once per mask tensor and forward (the layers share it)."""
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or q_len != kv_len or q_len < 2:
+        return None
+    if mask.shape[1] != 1 or mask.shape[2] != q_len or mask.shape[3] != kv_len:
+        return None
+    cache = ctx.__dict__.setdefault("_padded", {})
+    hit = cache.get(id(mask))
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    starts = (~mask[:, 0, -1]).sum(-1)  # the last row sees its row's whole real prefix
+    idx = torch.arange(kv_len, device=mask.device)
+    expected = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] >= starts[:, None, None])
+    found = starts if torch.equal(mask[:, 0], expected) else None
+    cache[id(mask)] = (mask, found)  # holds mask, so its id stays its own for the forward
+    return found
+
+
+def _sdpa_padded(module, query, key, value, starts: torch.Tensor, scaling, kwargs) -> tuple[torch.Tensor, None]:
+    """sdpa over a left-padded prefill batch without its mask: the rows with the same padding go
+    together, on their real tokens only, with the fused causal kernel; pad query rows get zeros (as
+    sdpa gives a row that sees no key). Same result as sdpa with the mask, without its masked path
+    and without the padded rows' work."""
+    bsz, n_heads, q_len, head_dim = query.shape
+    rest = {k: v for k, v in kwargs.items() if k not in ("is_causal", "dropout", "scaling")}
+    out = query.new_zeros(bsz, q_len, n_heads, head_dim)
+    if starts.numel() == 1 and bsz > 1:  # one mask row shared by the batch
+        starts = starts.expand(bsz)
+    groups: dict[int, list[int]] = {}
+    for b, start in enumerate(starts.tolist()):
+        groups.setdefault(int(start), []).append(b)
+    for start, rows in groups.items():
+        if start >= q_len:
+            continue
+        sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+        part, _ = sdpa_attention_forward(
+            module, query[sel, :, start:], key[sel, :, start:], value[sel, :, start:], None,
+            dropout=0.0, scaling=scaling, is_causal=True, **rest,
+        )
+        out[sel, start:] = part
+    return out, None
+
+
+def _sdpa(ctx, module, query, key, value, attention_mask, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
+    """Fused attention for every row of a layer the eager path works on, or of a forward that carries
+    attnkit's own branch rows: a left-padded prefill batch runs unmasked per padding group
+    (``_sdpa_padded``), everything else as transformers' sdpa function."""
+    if not (dropout and module.training) and kwargs.get("softcap") is None:
+        starts = _padded_starts(ctx, attention_mask, query.shape[2], key.shape[2])
+        if starts is not None:
+            return _sdpa_padded(module, query, key, value, starts, scaling, kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -101,6 +159,9 @@ def attention(
         attention_mask = _apply_keep(attention_mask, keep, query.shape[2], key.shape[2])
     methods = handle.methods_for_layer(layer)
     if not methods:
+        if ctx.branch_rows and not args:  # attnkit's image-free rows, left-padded to the prompt
+            return _sdpa(ctx, module, query, key, value, attention_mask, kwargs.pop("dropout", 0.0),
+                         kwargs.pop("scaling", None), kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return _eager(handle, methods, module, layer, query, key, value, attention_mask, *args, **kwargs)
 
@@ -171,8 +232,10 @@ def _eager(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
-    if q_len == 1 and attention_mask is None and not (dropout and module.training):
-        return _single_row(ctx, methods, layer, query, key, value, scaling, kwargs)
+    if SINGLE_ROW and q_len == 1 and not (dropout and module.training):
+        visible = _bool_mask(attention_mask, 1, kv_len, query.device)
+        if visible is None or (visible.dim() == 4 and visible.shape[1:3] == (1, 1) and visible.shape[3] == kv_len):
+            return _single_row(ctx, methods, layer, query, key, value, scaling, kwargs, visible)
 
     # Which query rows need probabilities: the union over methods (None = all rows). Each method
     # gives sorted, distinct indices; a single new token (decode) is always computed.
@@ -201,9 +264,7 @@ def _eager(
         )
     full_out = None
     if rows is not None and rows.numel() < q_len:
-        full_out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        full_out, _ = _sdpa(ctx, module, query, key, value, attention_mask, dropout, scaling, kwargs)
         n_rows = rows.numel()
     else:
         rows = None
@@ -365,7 +426,7 @@ def _column_path(
     dev = query.device
     full_out = None
     if rows is not None and rows.numel() < q_len:
-        full_out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        full_out, _ = _sdpa(ctx, module, query, key, value, attention_mask, 0.0, scaling, kwargs)
     else:
         rows = None
     pos_all = rows if rows is not None else torch.arange(q_len, device=dev)
@@ -496,38 +557,48 @@ def _plain_rows(ctx, layer, method, query, key, value, base_mask, causal, pos, s
 _ROW0: dict[torch.device, torch.Tensor] = {}
 
 
-def _single_row(ctx, methods: list, layer: int, query, key, value, scaling: float, kwargs) -> tuple:
-    """The eager path for one new token that sees every key (a decode step without padding): the plain
-    path's steps and callbacks in the same order, without its chunk and mask bookkeeping."""
+def _single_row(ctx, methods: list, layer: int, query, key, value, scaling: float, kwargs, visible=None) -> tuple:
+    """The eager path for one new token (a decode step): the plain path's steps and callbacks in the
+    same order, without its chunk bookkeeping. ``visible`` (B|1, 1, 1, K) bool: the keys the row may
+    see (padding), or None for every key."""
     bsz, n_heads, _, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     scores = torch.bmm(_grouped(query * scaling, kv_heads), _flat(key).transpose(1, 2)).view(bsz, n_heads, 1, kv_len)
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    dead = None
+    if visible is not None:
+        scores.masked_fill_(~visible, torch.finfo(query.dtype).min)
+        dead = ~visible.any(-1, keepdim=True)  # a row that sees nothing: zero after the methods, as sdpa
     row0 = _ROW0.get(query.device)
     if row0 is None:
         row0 = _ROW0[query.device] = torch.zeros(1, dtype=torch.long, device=query.device)
-    ctx.query_rows, ctx.visible = row0, None
+    ctx.query_rows, ctx.visible = row0, visible
     for m in methods:
         if m.scores is not None:
             scores = m.scores(ctx, layer, scores)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if query.dtype != torch.float32:
         probs = probs.to(query.dtype)
-    for m in methods:
-        if m.collect is not None:
-            m.collect(ctx, layer, probs)
-        elif m.column_sums is not None:
-            m.column_sums(ctx, layer, probs[:, :, 0].float(), torch.ones(1, 1, kv_len, device=query.device))
+    if any(m.collect is not None or m.column_sums is not None for m in methods):
+        seen = probs if dead is None else probs.masked_fill(dead, 0.0)
+        for m in methods:
+            if m.collect is not None:
+                m.collect(ctx, layer, seen)
+            elif m.column_sums is not None:
+                m.column_sums(ctx, layer, seen[:, :, 0].float(), _visible_counts(visible, 1, kv_len, query.device))
     for m in methods:
         if m.probs is not None:
             probs = m.probs(ctx, layer, probs)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
     for m in methods:
         if m.observe is not None:
             m.observe(ctx, layer, probs)
     weights = probs if kwargs.get("output_attentions") else None
     out = torch.bmm(_grouped(probs, kv_heads), _flat(value)).view(bsz, n_heads, 1, head_dim).transpose(1, 2)
+    ctx.visible = None
     for m in methods:
         if m.head_output is not None:
             out = m.head_output(ctx, layer, out)
