@@ -97,8 +97,12 @@ def _padded_starts(ctx, mask: torch.Tensor | None, q_len: int, kv_len: int) -> t
         return hit[1]
     starts = (~mask[:, 0, -1]).sum(-1)  # the last row sees its row's whole real prefix
     idx = torch.arange(kv_len, device=mask.device)
-    expected = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] >= starts[:, None, None])
-    found = starts if torch.equal(mask[:, 0], expected) else None
+    causal = idx[None, :] <= idx[:, None]
+    found = starts
+    for b, start in enumerate(starts.tolist()):  # one (q, kv) map at a time: bounded memory
+        if not torch.equal(mask[b, 0], causal & (idx >= start)[None, :]):
+            found = None
+            break
     cache[id(mask)] = (mask, found)  # holds mask, so its id stays its own for the forward
     return found
 
