@@ -327,16 +327,7 @@ def _eager(
         cached, kept = [], 0
         for pos, sl in chunks:
             probs, visible, dead, kv_end = chunk_probs(pos, sl)
-            seen = probs if dead is None else probs.masked_fill(dead, 0.0)
-            sums = counts = None
-            for m in methods:
-                if m.collect is not None:
-                    m.collect(ctx, layer, seen)
-                elif m.column_sums is not None:
-                    if sums is None:
-                        sums = seen.sum(2, dtype=torch.float32)
-                        counts = _visible_counts(visible, pos.numel(), kv_end, query.device)
-                    m.column_sums(ctx, layer, sums, counts)
+            _collect(ctx, methods, layer, probs, visible, dead)
             kept += probs.numel()
             if cached is not None and (len(chunks) == 1 or kept <= COLLECT_CACHE_ELEMENTS):
                 cached.append((probs, visible, dead, kv_end))
@@ -350,17 +341,7 @@ def _eager(
     for i, (pos, sl) in enumerate(chunks):
         probs, visible, dead, kv_end = cached[i] if cached is not None else chunk_probs(pos, sl)
         ctx.query_rows, ctx.visible = pos, visible
-        for m in methods:
-            if m.probs is not None:
-                probs = m.probs(ctx, layer, probs)
-        if dead is not None:
-            # Rows that see no key at all (left padding) attend to nothing, as in sdpa. Done after the
-            # methods (which see the uniform row eager attention gives) so a renormalising method
-            # cannot turn them into NaN.
-            probs = probs.masked_fill(dead, 0.0)
-        for m in methods:
-            if m.observe is not None:
-                m.observe(ctx, layer, probs)
+        probs = _rewrite(ctx, methods, layer, probs, dead)
         if weights is not None:
             weights[:, :, done : done + probs.shape[2], :kv_end] = probs
         if dropout and module.training:
@@ -383,6 +364,38 @@ def _eager(
         full_out[:, rows] = out.to(full_out.dtype)  # sdpa's output is a fresh tensor
         out = full_out
     return out.contiguous(), weights
+
+
+def _collect(ctx, methods: list, layer: int, probs: torch.Tensor, visible, dead) -> None:
+    """The read-only statistics callbacks on a chunk of probabilities (rows that see no key count as
+    zeros): ``collect`` gets the chunk, ``column_sums`` its column sums and visible-row counts."""
+    if not any(m.collect is not None or m.column_sums is not None for m in methods):
+        return
+    seen = probs if dead is None else probs.masked_fill(dead, 0.0)
+    sums = counts = None
+    for m in methods:
+        if m.collect is not None:
+            m.collect(ctx, layer, seen)
+        elif m.column_sums is not None:
+            if sums is None:
+                sums = seen.sum(2, dtype=torch.float32)
+                counts = _visible_counts(visible, seen.shape[2], seen.shape[3], seen.device)
+            m.column_sums(ctx, layer, sums, counts)
+
+
+def _rewrite(ctx, methods: list, layer: int, probs: torch.Tensor, dead) -> torch.Tensor:
+    """The ``probs`` callbacks, then rows that see no key at all (left padding) set to zero as in sdpa,
+    then the ``observe`` callbacks. Zeroing after the methods (which see the uniform row eager
+    attention gives) keeps a renormalising method from turning those rows into NaN."""
+    for m in methods:
+        if m.probs is not None:
+            probs = m.probs(ctx, layer, probs)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
+    for m in methods:
+        if m.observe is not None:
+            m.observe(ctx, layer, probs)
+    return probs
 
 
 def _visible_counts(visible: torch.Tensor | None, r: int, width: int, device: torch.device) -> torch.Tensor:
@@ -585,21 +598,8 @@ def _single_row(ctx, methods: list, layer: int, query, key, value, scaling: floa
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if query.dtype != torch.float32:
         probs = probs.to(query.dtype)
-    if any(m.collect is not None or m.column_sums is not None for m in methods):
-        seen = probs if dead is None else probs.masked_fill(dead, 0.0)
-        for m in methods:
-            if m.collect is not None:
-                m.collect(ctx, layer, seen)
-            elif m.column_sums is not None:
-                m.column_sums(ctx, layer, seen[:, :, 0].float(), _visible_counts(visible, 1, kv_len, query.device))
-    for m in methods:
-        if m.probs is not None:
-            probs = m.probs(ctx, layer, probs)
-    if dead is not None:
-        probs = probs.masked_fill(dead, 0.0)
-    for m in methods:
-        if m.observe is not None:
-            m.observe(ctx, layer, probs)
+    _collect(ctx, methods, layer, probs, visible, dead)
+    probs = _rewrite(ctx, methods, layer, probs, dead)
     weights = probs if kwargs.get("output_attentions") else None
     out = torch.bmm(_grouped(probs, kv_heads), _flat(value)).view(bsz, n_heads, 1, head_dim).transpose(1, 2)
     ctx.visible = None
