@@ -16,12 +16,12 @@ from .conftest import greedy, logits
 from .test_methods_visionzip import (
     FAMILIES,
     N_IMAGE,
-    LMInputs,
     ProjectorInput,
     check_cached_generate,
     hook_counts,
     image_id,
     independent_stats,
+    recorded_greedy,
     row_alone,
     tiny,
 )
@@ -77,11 +77,7 @@ def test_counts_through_generate_and_batch_equals_rows(family, budget, alpha):
     method = HiPrune(budget=budget, alpha=alpha)
     seq = inputs["input_ids"].shape[1]
     with attnkit.wrap(model, method):
-        rec = LMInputs(model)
-        try:
-            tokens = greedy(model, inputs, n=6)
-        finally:
-            rec.remove()
+        rec, tokens = recorded_greedy(model, inputs, n=6)
         assert (rec.ids[0] == image_id(model)).sum(1).tolist() == [budget, budget]
         for step, mask in enumerate(rec.masks):
             assert mask.shape[1] == seq - (N_IMAGE - budget) + step

@@ -17,7 +17,14 @@ from attnkit.methods.vision_side import anyres_order
 from attnkit.methods.visionzip import visionzip_merge
 
 from .conftest import extend_inputs, greedy, logits
-from .test_methods_visionzip import LMInputs, check_cached_generate, hook_counts, suppressed_argmax, tiny
+from .test_methods_visionzip import (
+    LMInputs,
+    check_cached_generate,
+    hook_counts,
+    recorded_greedy,
+    suppressed_argmax,
+    tiny,
+)
 
 N_CROP = 16  # tokens per crop in the tiny model (CLIP 32 px, patch 8: 4x4)
 SIDE = 4
@@ -236,11 +243,7 @@ def test_several_images_per_row(make):
     method = make()
     kept = per_image_kept(method, crops)
     with attnkit.wrap(model, method):
-        rec = LMInputs(model)
-        try:
-            tokens = greedy(model, inputs, n=5)
-        finally:
-            rec.remove()
+        rec, tokens = recorded_greedy(model, inputs, n=5)
         assert (rec.ids[0] == image_id(model)).sum(1).tolist() == [kept[0] + kept[1], kept[2]]
         batch_logits = logits(model, inputs)
         for r in range(2):

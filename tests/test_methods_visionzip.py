@@ -70,6 +70,15 @@ class LMInputs:
         self.h.remove()
 
 
+def recorded_greedy(model, inputs, n: int = 6) -> tuple[LMInputs, torch.Tensor]:
+    """(what the LM received at each step, the greedy tokens) of an n-token greedy generate."""
+    rec = LMInputs(model)
+    try:
+        return rec, greedy(model, inputs, n=n)
+    finally:
+        rec.remove()
+
+
 class ProjectorInput:
     """Records the image tokens entering the projector (after the method's reduction)."""
 
@@ -120,11 +129,7 @@ def test_counts_through_generate_and_batch_equals_rows(family, dominant, context
     method = VisionZip(dominant=dominant, contextual=contextual)
     seq = inputs["input_ids"].shape[1]
     with attnkit.wrap(model, method):
-        rec = LMInputs(model)
-        try:
-            tokens = greedy(model, inputs, n=6)
-        finally:
-            rec.remove()
+        rec, tokens = recorded_greedy(model, inputs, n=6)
         # the prefill saw exactly `kept` placeholders per row, and every decode step a mask over the pruned prompt
         assert (rec.ids[0] == image_id(model)).sum(1).tolist() == [kept, kept]
         assert rec.ids[0].shape[1] == seq - (N_IMAGE - kept)
@@ -262,11 +267,7 @@ def test_rows_with_different_image_counts(method):
     texts = ["USER: <image>\n<image>\nAre they the same? ASSISTANT:", "USER: <image>\nIs there a dog? ASSISTANT:"]
     inputs = dict(processor(text=texts, images=testing.sample_images(3), padding=True, return_tensors="pt"))
     with attnkit.wrap(model, method):
-        rec = LMInputs(model)
-        try:
-            tokens = greedy(model, inputs, n=6)
-        finally:
-            rec.remove()
+        rec, tokens = recorded_greedy(model, inputs, n=6)
         assert (rec.ids[0] == image_id(model)).sum(1).tolist() == [2 * kept, kept]
         assert method.report.image_tokens == 2 * N_IMAGE and method.report.image_kept_per_layer[0] == 2 * kept
         batch_logits = logits(model, inputs)
