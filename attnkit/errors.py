@@ -36,3 +36,17 @@ class DataError(AttnkitError, ValueError):
 
 class OutputError(AttnkitError, OSError):
     """The output directory cannot be created or written."""
+
+
+class TransformersCompatError(AttnkitError, RuntimeError):
+    """The installed transformers passes a forward differently from what attnkit was built on (a renamed
+    keyword, a cache it cannot read, a moved attribute): attnkit stops rather than compute on silently."""
+
+
+class UnsupportedCacheError(AttnkitError, ValueError):
+    """A KV cache (or a way of calling the model) that attnkit's methods do not support, e.g. a static cache."""
+
+
+class BypassedError(AttnkitError, RuntimeError):
+    """The wrapped model no longer routes its attention through attnkit (its attention implementation
+    was changed after wrap())."""

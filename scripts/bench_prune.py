@@ -54,6 +54,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import attnkit
+from attnkit.hooks import compat
 
 _spec = importlib.util.spec_from_file_location("attnkit_bench", Path(__file__).with_name("bench.py"))
 bench = importlib.util.module_from_spec(_spec)
@@ -169,13 +170,13 @@ def decode_loop(args: argparse.Namespace) -> int:
         handle = None if kind == "none" else attnkit.wrap(model, make_method("fastv"))
         try:
             with torch.no_grad():
-                cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+                cache = compat.output_cache(model(**inputs, use_cache=True, logits_to_keep=1))
                 if kind == "fastv-no-hooks":
                     handle.remove()
                 t0 = time.perf_counter()
                 for i in range(args.new_tokens):
-                    out = model(input_ids=token, past_key_values=cache, cache_position=torch.tensor([prompt + i]),
-                                attention_mask=torch.ones(1, prompt + i + 1, dtype=torch.long))
+                    step = {compat.cache_keyword(model): cache}
+                    out = model(input_ids=token, **step, attention_mask=torch.ones(1, prompt + i + 1, dtype=torch.long))
                 return time.perf_counter() - t0, out.logits
         finally:
             if handle is not None:

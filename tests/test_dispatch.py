@@ -19,6 +19,15 @@ from attnkit.hooks.context import ForwardContext
 from attnkit.methods import ACT, Method
 
 
+def fake_handle(ctx, methods):
+    """What dispatch.attention reads of a Handle with some method active: the context, the methods of a
+    layer (``methods``, maybe none), the output_attentions flag and the windowed layers."""
+    return SimpleNamespace(
+        ctx=ctx, methods=list(methods) or [PassThrough()], methods_for_layer=lambda layer: methods,
+        want_weights=False, windowed=frozenset(),
+    )
+
+
 class FakeAttention(torch.nn.Module):
     def __init__(self, groups: int):
         super().__init__()
@@ -78,7 +87,7 @@ def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_s
     method = PassThrough(rows)
     ctx = ForwardContext(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
                          batch_size=batch, q_len=q_len, past_len=past)
-    module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: [method])
+    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, [method])
     saved = dispatch.CHUNK_ELEMENTS
     dispatch.CHUNK_ELEMENTS = chunk or saved  # 1: one row per chunk; 40: a few rows
     try:
@@ -101,7 +110,7 @@ def test_keep_mask_hides_keys_on_fused_and_eager_paths():
         module = FakeAttention(1)
         ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=1,
                              past_len=4, keep=[(0, keep)])
-        module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: methods)
+        module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, methods)
         out, _ = dispatch.attention(module, q, k, v, None, scaling=0.5)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
@@ -158,7 +167,7 @@ class ColumnDouble(Method):
 
 
 def _attend(methods, q, k, v, mask, module, ctx, plain: bool, chunk=None):
-    module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: methods)
+    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, methods)
     saved = dispatch.COLUMN_MIN_ROWS, dispatch.CHUNK_ELEMENTS
     dispatch.COLUMN_MIN_ROWS = 10**9 if plain else 1
     dispatch.CHUNK_ELEMENTS = chunk or saved[1]
@@ -279,7 +288,7 @@ def test_column_path_fallbacks(monkeypatch):
     for others in ([Observer()], [PassThrough()], [ColumnDouble([1])]):
         assert dispatch._column_rewriter([col, *others]) is None
     assert dispatch._column_rewriter([PassThrough()]) is None
-    module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx(), methods_for_layer=lambda layer: [col])
+    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx(), [col])
     dispatch.attention(module, q, k, v, mask, scaling=0.5)
     assert taken == [1]
     dispatch.attention(module, q, k, v, mask, scaling=0.5, softcap=30.0)
@@ -336,7 +345,7 @@ def test_single_row_path_equals_plain_path(softcap, padding, monkeypatch):
         method = Everything()
         module = FakeAttention(2)
         ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, batch_size=2, q_len=1, past_len=6)
-        module.__dict__[dispatch.HANDLE_ATTR] = SimpleNamespace(ctx=ctx, methods_for_layer=lambda layer: [method])
+        module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, [method])
         seen = []
         taken = dispatch._single_row
         monkeypatch.setattr(dispatch, "_single_row", lambda *a, **kw: seen.append(1) or taken(*a, **kw))

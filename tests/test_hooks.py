@@ -240,14 +240,20 @@ def test_wrapping_twice_raises():
             attnkit.wrap(model, "identity")
 
 
-def test_empty_wrap_adds_no_torch_hooks():
+def test_empty_wrap_adds_one_forward_pre_hook():
+    """With no method, wrap() adds one pre-hook on the model (it checks that the attention still routes
+    through attnkit and notes output_attentions), no per-layer hook, and changes no output."""
     model, inputs = _llava()
     ref = logits(model, inputs)
     counts = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
     with attnkit.wrap(model, []) as h:
-        assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == counts
+        now = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        top = list(model.modules()).index(h.adapter.context_module())
+        assert now[top] == (counts[top][0] + 1, counts[top][1])
+        assert now[:top] + now[top + 1 :] == counts[:top] + counts[top + 1 :]
         assert all(h.methods_for_layer(i) == [] for i in range(h.ctx.num_layers))
         assert torch.equal(logits(model, inputs), ref)
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == counts
 
 
 def test_unsupported_model_error():

@@ -11,6 +11,7 @@ import torch
 import attnkit
 from attnkit import errors, testing
 from attnkit.methods import ACT, PAI, VAR, Method
+from attnkit.hooks.compat import find_cache
 from attnkit.models import get_adapter
 
 from .conftest import greedy, logits, valid_positions
@@ -41,7 +42,7 @@ def plant_sinks(model, dim: int = SINK_DIM, value: float = 1000.0, image_every: 
     def on_prefill(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
-        past = kwargs.get("past_key_values")
+        past = find_cache(args, kwargs)
         if past is not None and past.get_seq_length() > 0:
             planted.pop("mask", None)
             return None  # a decode step

@@ -30,6 +30,14 @@ N_CROP = 16  # tokens per crop in the tiny model (CLIP 32 px, patch 8: 4x4)
 SIDE = 4
 
 
+
+def image_features(out) -> torch.Tensor:
+    """The projected image features a forward delivered, (N, D): ``image_hidden_states`` up to
+    transformers 5.23, the per-image ``image_outputs.pooler_output`` from 5.24."""
+    pooled = getattr(getattr(out, "image_outputs", None), "pooler_output", None)
+    feats = pooled if pooled is not None else out.image_hidden_states
+    return torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
 def image_id(model) -> int:
     return int(model.config.image_token_id)
 
@@ -205,7 +213,7 @@ def test_counts_through_generate_and_batch_equals_rows(make):
             tokens = greedy(model, inputs, n=6)
         finally:
             rec.remove()
-        assert out.image_hidden_states.shape[0] == sum(kept)  # features delivered == placeholders kept
+        assert image_features(out).shape[0] == sum(kept)  # features delivered == placeholders kept
         # forward and generate's prefill: exactly the kept placeholders per row, left padding kept
         for ids in (rec.ids[0], rec.ids[1]):
             assert (ids == image_id(model)).sum(1).tolist() == kept
@@ -314,7 +322,7 @@ def test_visionzip_selection_against_eager_attention(dominant, contextual):
     crops = crops_per_image(model, inputs)
     with attnkit.wrap(model, VisionZip(dominant=dominant, contextual=contextual)):
         with torch.no_grad():
-            got = model(**inputs).image_hidden_states
+            got = image_features(model(**inputs))
     ref = reference_model()
     states, attn, keys = eager_crops(ref, inputs, crops, [0])  # hidden_states[-2] = output of layer 0 of 2
     cls_attn = attn[0][:, :, 0, 1:].sum(1)  # [CLS] row, summed over heads (official clip_encoder.py)
@@ -343,7 +351,7 @@ def test_hiprune_selection_against_eager_attention(budget, alpha, object_layer):
     crops = crops_per_image(model, inputs)
     with attnkit.wrap(model, HiPrune(budget=budget, alpha=alpha, object_layer=object_layer)):
         with torch.no_grad():
-            got = model(**inputs).image_hidden_states
+            got = image_features(model(**inputs))
     ref = reference_model()
     obj = 0 if object_layer is None else object_layer - 1  # default: round(9 * 2 / 24) = 1 (1-based)
     states, attn, _ = eager_crops(ref, inputs, crops, [0])

@@ -12,6 +12,7 @@ import attnkit
 from attnkit import errors, testing
 from attnkit.methods import Method
 from attnkit.methods.pruning import LayerShape, flops_ratio, layer_flops
+from attnkit.hooks.compat import output_cache
 from attnkit.models import get_adapter
 
 from .conftest import FAMILIES, check_batch_equals_rows, extend_inputs
@@ -73,7 +74,7 @@ def test_drop_equals_mask_on_kept_positions(family):
     real = inputs["attention_mask"].bool().gather(1, kept)
     torch.testing.assert_close(dropped.logits[real], ref[real], atol=1e-4, rtol=0)
     # the KV cache of the layers from the first stage on holds only the kept prompt tokens
-    cache = getattr(dropped, "past_key_values", None) or dropped.language_model_outputs.past_key_values
+    cache = output_cache(dropped)
     stage_of = {layer: pos.shape[1] for layer, pos in drops}
     lengths, want, n = [], [], inputs["input_ids"].shape[1]
     for i, layer in enumerate(cache.layers):

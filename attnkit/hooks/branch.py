@@ -60,8 +60,9 @@ class TextBranch:
         self.mask: torch.Tensor | None = None  # (B, kv) mask of the branch rows so far
         self.rows = 0
 
-    def expand(self, kwargs: dict[str, Any], past_len: int) -> dict[str, Any]:
-        """``kwargs`` of one forward with the branch rows appended (a new dict)."""
+    def expand(self, kwargs: dict[str, Any], past_len: int, cache: Any = None) -> dict[str, Any]:
+        """``kwargs`` of one forward with the branch rows appended (a new dict); ``cache`` is the KV
+        cache the forward carries (found by type, see compat.find_cache)."""
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
@@ -77,7 +78,7 @@ class TextBranch:
         else:
             if self.mask is None or self.rows != batch:
                 raise InputError("the image-free branch has no prefill for this batch: start with the whole prompt")
-            cached = _cache_batch(kwargs.get("past_key_values"))
+            cached = _cache_batch(cache)
             if cached is not None and cached != 2 * batch:
                 raise InputError(
                     f"the image-free branch expects a KV cache of {2 * batch} rows, got {cached} "

@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+
+from ..errors import TransformersCompatError
+from .compat import AttentionInterface, Cache, get_impl, set_impl, where
 
 NAME = "attnkit_capture"
 SPEC_ATTR = "_attnkit_capture"
@@ -66,14 +68,24 @@ def layer_attention(
     if attn is None or norm is None:
         raise TypeError(f"{type(layer).__name__} has no self_attn / input_layernorm")
     register()
-    kwargs = {k: v for k, v in layer_kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-    saved = text_config._attn_implementation_internal
+    # the layer's own inputs without the KV cache (found by type: its keyword changed in 5.24), so
+    # nothing is written to it
+    kwargs = {
+        k: v for k, v in layer_kwargs.items() if k not in ("hidden_states", "use_cache") and not isinstance(v, Cache)
+    }
+    saved = get_impl(text_config)
     setattr(attn, SPEC_ATTR, {"rows": rows, "keep": keep})
     try:
-        text_config._attn_implementation_internal = NAME
+        set_impl(text_config, NAME)
         with torch.no_grad():
-            attn(hidden_states=norm(hidden), past_key_values=None, **kwargs)
-        return getattr(attn, SPEC_ATTR)["probs"]
+            attn(hidden_states=norm(hidden), **kwargs)
+        spec = getattr(attn, SPEC_ATTR)
+        if "probs" not in spec:
+            raise TransformersCompatError(
+                f"{type(attn).__name__} did not call its attention function ({where()}); attnkit cannot read "
+                "the layer's attention"
+            )
+        return spec["probs"]
     finally:
-        text_config._attn_implementation_internal = saved
+        set_impl(text_config, saved)
         delattr(attn, SPEC_ATTR)

@@ -23,8 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from .compat import check_keys, sdpa_attention_forward, sdpa_mask
 
 if TYPE_CHECKING:
     from .manager import Handle
@@ -158,11 +157,16 @@ def attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     layer = module.layer_idx
     ctx = handle.ctx
+    if not handle.methods:
+        if handle.want_weights:  # output_attentions: the weights of every layer, from the eager path
+            return _eager(handle, [], module, layer, query, key, value, attention_mask, *args, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    check_keys(ctx, layer, key.shape[2], layer in handle.windowed)
     keep = ctx.keep_for_layer(layer) if ctx.keep else None
     if keep is not None:
         attention_mask = _apply_keep(attention_mask, keep, query.shape[2], key.shape[2])
     methods = handle.methods_for_layer(layer)
-    if not methods:
+    if not methods and not handle.want_weights:
         if ctx.branch_rows and not args:  # attnkit's image-free rows, left-padded to the prompt
             return _sdpa(ctx, module, query, key, value, attention_mask, kwargs.pop("dropout", 0.0),
                          kwargs.pop("scaling", None), kwargs)
@@ -236,15 +240,17 @@ def _eager(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
+    # output_attentions (by argument or config): every row's weights, so no row subset, no column path
+    want_weights = handle.want_weights or bool(kwargs.get("output_attentions"))
     if SINGLE_ROW and q_len == 1 and not (dropout and module.training):
         visible = _bool_mask(attention_mask, 1, kv_len, query.device)
         if visible is None or (visible.dim() == 4 and visible.shape[1:3] == (1, 1) and visible.shape[3] == kv_len):
-            return _single_row(ctx, methods, layer, query, key, value, scaling, kwargs, visible)
+            return _single_row(ctx, methods, layer, query, key, value, scaling, kwargs, visible, want_weights)
 
     # Which query rows need probabilities: the union over methods (None = all rows). Each method
     # gives sorted, distinct indices; a single new token (decode) is always computed.
     rows: torch.Tensor | None = None
-    if q_len > 1:
+    if q_len > 1 and not want_weights:
         merged = 0
         for m in methods:
             r = m.rows(ctx, layer)
@@ -261,7 +267,7 @@ def _eager(
         rewriter is not None
         and kwargs.get("softcap") is None
         and not (dropout and module.training)
-        and not kwargs.get("output_attentions")
+        and not want_weights
     ):
         return _column_path(
             ctx, methods, rewriter, module, layer, query, key, value, attention_mask, rows, scaling, kwargs
@@ -334,7 +340,6 @@ def _eager(
             else:
                 cached = None
 
-    want_weights = bool(kwargs.get("output_attentions")) and rows is None
     weights = query.new_zeros(bsz, n_heads, q_len, kv_len) if want_weights else None
     out = query.new_empty(bsz, n_heads, n_rows, head_dim) if len(chunks) > 1 else None
     done = 0
@@ -574,7 +579,9 @@ def _plain_rows(ctx, layer, method, query, key, value, base_mask, causal, pos, s
 _ROW0: dict[torch.device, torch.Tensor] = {}
 
 
-def _single_row(ctx, methods: list, layer: int, query, key, value, scaling: float, kwargs, visible=None) -> tuple:
+def _single_row(
+    ctx, methods: list, layer: int, query, key, value, scaling: float, kwargs, visible=None, want_weights=False
+) -> tuple:
     """The eager path for one new token (a decode step): the plain path's steps and callbacks in the
     same order, without its chunk bookkeeping. ``visible`` (B|1, 1, 1, K) bool: the keys the row may
     see (padding), or None for every key."""
@@ -600,7 +607,7 @@ def _single_row(ctx, methods: list, layer: int, query, key, value, scaling: floa
         probs = probs.to(query.dtype)
     _collect(ctx, methods, layer, probs, visible, dead)
     probs = _rewrite(ctx, methods, layer, probs, dead)
-    weights = probs if kwargs.get("output_attentions") else None
+    weights = probs if want_weights else None
     out = torch.bmm(_grouped(probs, kv_heads), _flat(value)).view(bsz, n_heads, 1, head_dim).transpose(1, 2)
     ctx.visible = None
     for m in methods:

@@ -8,22 +8,28 @@ What wrapping does, and what remove() undoes:
    keep theirs), after saving the implementation of every config in the model;
 3. marks each language-model attention module with its Handle (so state is per handle,
    never global);
-4. adds torch hooks only when a method needs them: a forward pre-hook on the model that
-   refreshes the ForwardContext (and appends the image-free branch rows when a method asks for
-   them, see branch.py), decoder-layer pre-hooks for ``select``, and a forward hook for
+4. adds torch hooks: a forward pre-hook on the model that checks the model still routes its
+   attention through attnkit and notes whether the forward returns attention weights, and, with
+   active methods, refreshes the ForwardContext (and appends the image-free branch rows when a
+   method asks for them, see branch.py); decoder-layer pre-hooks for ``select``; a forward hook for
    ``logits`` (which also drops the branch rows).
+
+Every read of a forward's arguments goes through compat.py (the cache by type, lengths
+cross-checked), so a transformers release that passes them differently raises instead of
+misleading the methods.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
+import warnings
 
-from ..errors import AlreadyWrappedError, MethodArgumentError, UnsupportedModelError
-from . import capture, dispatch
+import torch
+
+from ..errors import AlreadyWrappedError, BypassedError, MethodArgumentError, UnsupportedCacheError, UnsupportedModelError
+from . import capture, compat, dispatch
+from .compat import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from .branch import TextBranch
 from .context import ForwardContext
 
@@ -79,13 +85,28 @@ class Handle:
         self._layer: tuple | None = None  # during select callbacks: (decoder layer, positions, its inputs)
         self._gathered: dict = {}  # drop mode: the layer inputs gathered in this forward
         self._branch = TextBranch(adapter) if any(m.text_branch for m in self.methods) else None
+        #: Whether the forward in progress returns attention weights (output_attentions by argument or config).
+        self.want_weights = False
+        #: Layers whose cache may keep fewer keys than the sequence (sliding-window / chunked attention).
+        self.windowed = self._windowed_layers()
         self.removed = False
         self._install()
+
+    def _windowed_layers(self) -> frozenset[int]:
+        types = getattr(self.adapter.text_config, "layer_types", None) or []
+        out = {i for i, t in enumerate(types) if t != "full_attention"}
+        for i, attn in enumerate(self.adapter.attention_modules()):
+            if getattr(attn, "sliding_window", None):
+                out.add(i)
+        return frozenset(out)
 
     # -- install / remove ------------------------------------------------------------------
     def _install(self) -> None:
         _register_functions()
-        self._saved_impl = [(cfg, cfg._attn_implementation_internal) for cfg in _all_configs(self.model)]
+        configs = _all_configs(self.model)
+        compat.check_model(self.model, configs)
+        self._saved_impl = [(cfg, compat.get_impl(cfg)) for cfg in configs]
+        self._configs = [self.model.config, self.adapter.text_config]
         try:
             setattr(self.model, dispatch.HANDLE_ATTR, self)
             self._marked.append(self.model)
@@ -98,12 +119,14 @@ class Handle:
                     f"{type(self.model).__name__}: transformers would not route its language-model attention "
                     "through AttentionInterface (set_attn_implementation had no effect)"
                 )
+            self._set_impl = [(cfg, compat.get_impl(cfg)) for cfg, _ in self._saved_impl]
             for m in self.methods:
                 m.attach(self)
+            # always: the bypass check and output_attentions; with methods also the ForwardContext
+            self._torch_hooks.append(
+                self.adapter.context_module().register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            )
             if self.methods:
-                self._torch_hooks.append(
-                    self.adapter.context_module().register_forward_pre_hook(self._on_forward, with_kwargs=True)
-                )
                 self._route(self.ctx)
             if any(m.select is not None for m in self.methods):
                 for i, layer in enumerate(self.adapter.decoder_layers()):
@@ -118,8 +141,22 @@ class Handle:
             self.remove()
             raise
 
+    @property
+    def bypassed(self) -> bool:
+        """True when the model's language attention no longer routes through attnkit (its attention
+        implementation was changed after wrap(), e.g. by ``model.set_attn_implementation``)."""
+        return not self.removed and self.adapter.text_config._attn_implementation != dispatch.NAME
+
+    @property
+    def active(self) -> bool:
+        """True while the methods run on every forward: not removed and not bypassed."""
+        return not self.removed and not self.bypassed
+
     def remove(self) -> None:
-        """Restore every config's attention implementation and remove every hook and mark attnkit added."""
+        """Restore every config's attention implementation and remove every hook and mark attnkit added.
+
+        A config whose implementation was changed after wrap() (``set_attn_implementation``) keeps
+        that later choice, with a warning."""
         if self.removed:
             return
         self.removed = True
@@ -130,8 +167,19 @@ class Handle:
             if mod.__dict__.get(dispatch.HANDLE_ATTR) is self:
                 delattr(mod, dispatch.HANDLE_ATTR)
         self._marked.clear()
+        ours = dict((id(cfg), impl) for cfg, impl in getattr(self, "_set_impl", []))
+        kept = []
         for cfg, impl in self._saved_impl:
-            cfg._attn_implementation_internal = impl
+            if id(cfg) in ours and compat.get_impl(cfg) != ours[id(cfg)]:
+                kept.append(f"{type(cfg).__name__}={compat.get_impl(cfg)!r}")
+                continue
+            compat.set_impl(cfg, impl)
+        if kept:
+            warnings.warn(
+                "attnkit: the attention implementation was changed after wrap(); remove() keeps that later choice "
+                f"({', '.join(kept)})",
+                stacklevel=2,
+            )
         for m in self.methods:
             m.detach()
 
@@ -142,7 +190,7 @@ class Handle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self.removed else "active"
+        state = "removed" if self.removed else ("bypassed" if self.bypassed else "active")
         return f"Handle({type(self.model).__name__}, methods={self.methods}, {state})"
 
     # -- per-forward routing ---------------------------------------------------------------
@@ -161,37 +209,52 @@ class Handle:
                     routes[i].append(m)
         self._routes = routes
 
+    def _past_len(self, cache_len: int) -> int:
+        """The whole sequence's past length from the cache's (its first layer's) length: when the last
+        prefill dropped tokens before layer 0, that layer's cache holds only the kept ones."""
+        ctx = self.ctx
+        if cache_len == 0 or not ctx.drops:
+            return cache_len
+        pos = ctx.positions_for_layer(0)
+        return cache_len if pos is None else cache_len + ctx.prompt_len - pos.shape[1]
+
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.adapter.text_config._attn_implementation != dispatch.NAME:
+            raise BypassedError(
+                f"{type(self.model).__name__}: its attention implementation was changed to "
+                f"{self.adapter.text_config._attn_implementation!r} after attnkit.wrap(), so attnkit's methods would "
+                "not run; call handle.remove() before set_attn_implementation(), then wrap again"
+            )
+        self.want_weights = compat.wants_attentions(kwargs, self._configs)
+        if not self.methods:
+            return None
+        if torch.compiler.is_compiling():
+            raise UnsupportedCacheError(
+                "attnkit's methods cannot run inside torch.compile (they follow each forward in Python); "
+                "compile the model unwrapped, or wrap it with no method"
+            )
         ctx = self.ctx
         ctx.enter_layer(-1)  # the whole-sequence view, if the last forward ended in a dropped layer's
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        attn = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
-        ref = input_ids if input_ids is not None else embeds
-        q_len = ref.shape[1] if ref is not None else 0
-        if attn is not None and attn.dim() == 2:
-            past_len = attn.shape[1] - q_len
-        elif past is not None:
-            past_len = past.get_seq_length()
-        else:
-            past_len = 0
+        seen = compat.read_forward(args, kwargs)
+        input_ids, attn, q_len = seen.input_ids, seen.attention_mask, seen.q_len
+        past_len = self._past_len(seen.cache_len)
+        compat.check_past(seen, past_len)
         changed = None
-        main_batch = ref.shape[0] if ref is not None else 0
+        main_batch = seen.batch
         if self._branch is not None:
             if args and "input_ids" not in kwargs:
                 kwargs = dict(kwargs, input_ids=args[0])
                 args = args[1:]
-            kwargs = self._branch.expand(kwargs, past_len)
+            kwargs = self._branch.expand(kwargs, past_len, seen.cache)
             changed = (args, kwargs)
             input_ids = kwargs.get("input_ids")
-            embeds = kwargs.get("inputs_embeds")
             attn = kwargs["attention_mask"]
-            ref = input_ids if input_ids is not None else embeds
-        ctx.batch_size = ref.shape[0] if ref is not None else 0
+            ctx.batch_size = attn.shape[0]
+        else:
+            ctx.batch_size = main_batch
         ctx.q_len = q_len
         ctx.past_len = past_len
-        ctx.attention_mask = attn.bool() if attn is not None and attn.dim() == 2 else None
+        ctx.attention_mask = attn.bool() if attn is not None else None
         if past_len == 0:
             ctx.is_prefill = True
             ctx.step = 0
@@ -384,5 +447,8 @@ class Handle:
                 logits = m.logits(self.ctx, logits)
         if self.ctx.branch_rows and logits.shape[0] == self.ctx.batch_size:
             logits = logits[: self.ctx.main_batch]
+            weights = getattr(output, "attentions", None)
+            if weights:
+                output.attentions = tuple(w[: self.ctx.main_batch] if w is not None else w for w in weights)
         output.logits = logits
         return output

@@ -71,7 +71,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, TransformersCompatError, UnsupportedModelError
+from ..hooks import compat
 from .base import Method
 from .pruning import LayerShape, PruneReport
 
@@ -332,6 +333,11 @@ class VisionPruner(Method):
 
     # -- LLaVA-NeXT ------------------------------------------------------------------------
     def _shadow_pack(self, inner: torch.nn.Module) -> None:
+        if not callable(getattr(type(inner), "pack_image_features", None)):
+            raise TransformersCompatError(
+                f"{self.name}: {type(inner).__name__} has no pack_image_features ({compat.where()}); "
+                "attnkit cannot reduce LLaVA-NeXT's crops"
+            )
         if "pack_image_features" in vars(inner):
             raise UnsupportedModelError(
                 f"{self.name}: pack_image_features of this llava_next model is already replaced "
@@ -450,8 +456,8 @@ class VisionPruner(Method):
             args = args[1:]
         input_ids = kwargs.get("input_ids")
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        cache = compat.find_cache(args, kwargs)
+        past_len = compat.cache_length(cache) if cache is not None else 0
         if past_len == 0:
             self._state = None
             encoded = kwargs.get("mm_encoder_outputs") or {}
