@@ -19,12 +19,20 @@ from attnkit.hooks.context import ForwardContext
 from attnkit.methods import ACT, Method
 
 
+class _EachCallANewForward(set):
+    """A fake handle's record of the layers run in the current forward: every dispatch call counts as a
+    forward of its own (the tests call attention directly, without a model forward pre-hook)."""
+
+    def add(self, layer) -> None:
+        pass
+
+
 def fake_handle(ctx, methods):
     """What dispatch.attention reads of a Handle with some method active: the context, the methods of a
     layer (``methods``, maybe none), the output_attentions flag and the windowed layers."""
     return SimpleNamespace(
         ctx=ctx, methods=list(methods) or [PassThrough()], methods_for_layer=lambda layer: methods,
-        want_weights=False, windowed=frozenset(),
+        want_weights=False, windowed=frozenset(), ran=_EachCallANewForward(),
     )
 
 

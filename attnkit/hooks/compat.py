@@ -185,10 +185,11 @@ def check_keys(ctx: Any, layer: int, key_len: int, windowed: bool) -> None:
     expected = ctx.kv_len
     if key_len == expected or (windowed and key_len < expected):
         return
-    if key_len > expected and ctx.is_prefill and ctx.past_len == 0:
-        what = "a forward that attnkit took for a prefill carries a KV cache it could not find"
-    elif key_len > expected:
-        what = "more keys than the past and new tokens (a static or pre-allocated cache?)"
+    if key_len > expected:
+        what = (
+            "the cache holds more slots than tokens (a static or pre-allocated cache), or transformers passed "
+            "the cache in a way attnkit does not know"
+        )
     else:
         what = "fewer keys than the past and new tokens"
     raise TransformersCompatError(

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from .compat import check_keys, sdpa_attention_forward, sdpa_mask
+from ..errors import TransformersCompatError, UnsupportedCacheError
+from .compat import check_keys, sdpa_attention_forward, sdpa_mask, where
 
 if TYPE_CHECKING:
     from .manager import Handle
@@ -161,7 +162,7 @@ def attention(
         if handle.want_weights:  # output_attentions: the weights of every layer, from the eager path
             return _eager(handle, [], module, layer, query, key, value, attention_mask, *args, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    check_keys(ctx, layer, key.shape[2], layer in handle.windowed)
+    _check_call(handle, layer, key.shape[2])
     keep = ctx.keep_for_layer(layer) if ctx.keep else None
     if keep is not None:
         attention_mask = _apply_keep(attention_mask, keep, query.shape[2], key.shape[2])
@@ -172,6 +173,25 @@ def attention(
                          kwargs.pop("scaling", None), kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return _eager(handle, methods, module, layer, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _check_call(handle: Handle, layer: int, key_len: int) -> None:
+    """The checks that keep a wrapped model from computing on silently when attnkit misread the forward:
+    not inside torch.compile, one attention call per layer and forward (a second call means the
+    model's forward pre-hook did not run, e.g. ``model.forward`` called directly), and the key length
+    the context expects (compat.check_keys)."""
+    if torch.compiler.is_compiling():
+        raise UnsupportedCacheError(
+            "attnkit's methods cannot run inside torch.compile (they follow each forward in Python); compile "
+            "the model unwrapped or wrapped with no method"
+        )
+    if layer in handle.ran:
+        raise TransformersCompatError(
+            f"layer {layer} attended twice in one forward: the wrapped model's forward pre-hook did not run "
+            f"(call the model, not model.forward; {where()})"
+        )
+    handle.ran.add(layer)
+    check_keys(handle.ctx, layer, key_len, layer in handle.windowed)
 
 
 def _chunk_mask(

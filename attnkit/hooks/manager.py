@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ..errors import AlreadyWrappedError, BypassedError, MethodArgumentError, UnsupportedCacheError, UnsupportedModelError
+from ..errors import AlreadyWrappedError, BypassedError, MethodArgumentError, UnsupportedModelError
 from . import capture, compat, dispatch
 from .compat import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from .branch import TextBranch
@@ -87,6 +87,8 @@ class Handle:
         self._branch = TextBranch(adapter) if any(m.text_branch for m in self.methods) else None
         #: Whether the forward in progress returns attention weights (output_attentions by argument or config).
         self.want_weights = False
+        #: Layers whose attention ran in the forward in progress (see dispatch._check_call).
+        self.ran: set[int] = set()
         #: Layers whose cache may keep fewer keys than the sequence (sliding-window / chunked attention).
         self.windowed = self._windowed_layers()
         self.removed = False
@@ -228,11 +230,7 @@ class Handle:
         self.want_weights = compat.wants_attentions(kwargs, self._configs)
         if not self.methods:
             return None
-        if torch.compiler.is_compiling():
-            raise UnsupportedCacheError(
-                "attnkit's methods cannot run inside torch.compile (they follow each forward in Python); "
-                "compile the model unwrapped, or wrap it with no method"
-            )
+        self.ran = set()
         ctx = self.ctx
         ctx.enter_layer(-1)  # the whole-sequence view, if the last forward ended in a dropped layer's
         seen = compat.read_forward(args, kwargs)
