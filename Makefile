@@ -1,5 +1,8 @@
 # attnkit: `make demo` runs the toolkit offline on a tiny model, `make test` runs the test suite.
-# Both create .venv and install into it first (torch first, so the resolver keeps its build).
+# Both create .venv and install into it first (torch first, so the resolver keeps its build), with
+# constraints.txt: the newest transformers release attnkit is tested on.
+# `make test-oldest` runs the suite again in .venv-tf<MIN> on the oldest transformers release
+# pyproject.toml accepts; `make test-transformers V=5.20.0` on any other release.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,12 +10,15 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.attnkit-installed
 PYTEST_ARGS ?=
+# the lower bound of transformers in pyproject.toml (the one place it is written)
+TRANSFORMERS_MIN := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+V ?= $(TRANSFORMERS_MIN)
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench bench-prune clean
+.PHONY: install demo test test-oldest test-transformers bench bench-prune clean
 
 install: $(STAMP)
 
@@ -29,6 +35,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-oldest:
+	@test -n "$(TRANSFORMERS_MIN)" || { echo "no transformers lower bound found in pyproject.toml"; exit 2; }
+	$(MAKE) test-transformers V=$(TRANSFORMERS_MIN)
+
+# the suite on transformers==$(V), in its own virtual environment (.venv-tf$(V))
+test-transformers:
+	@if [ ! -f .venv-tf$(V)/.attnkit-installed ] || [ pyproject.toml -nt .venv-tf$(V)/.attnkit-installed ]; then \
+		set -e; $(PYTHON) -m venv .venv-tf$(V); \
+		.venv-tf$(V)/bin/python -m pip install --quiet --upgrade pip; \
+		.venv-tf$(V)/bin/python -m pip install --quiet "$(TORCH)"; \
+		.venv-tf$(V)/bin/python -m pip install --quiet "transformers==$(V)" -e ".[test]"; \
+		touch .venv-tf$(V)/.attnkit-installed; \
+	fi
+	.venv-tf$(V)/bin/python -c "import transformers; v = transformers.__version__; assert v == '$(V)', v; print('transformers', v)"
+	.venv-tf$(V)/bin/python -m pytest $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) scripts/bench.py --preset llava15-mini
 
@@ -36,4 +58,4 @@ bench-prune: $(STAMP)
 	$(PY) scripts/bench_prune.py --preset llava15-mini --repeats 3
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-tf* build *.egg-info .pytest_cache

@@ -13,6 +13,11 @@ see (B, H, r, K') tensors: r rows whose query indices are ``ctx.query_rows``, an
 columns [0, K') (K' <= kv_len; the columns beyond are masked for all r rows). GQA heads are
 multiplied against their shared K/V head without ``repeat_kv`` copies.
 
+With a method active, every call first runs ``_check_call``: not inside torch.compile, one call
+per layer and forward, and the key length the ForwardContext expects (compat.check_keys), so a
+forward attnkit misread raises instead of being rewritten at the wrong columns. A forward that asks
+for ``output_attentions`` takes the eager path on every layer, for every row.
+
 ``mask`` is transformers' ``sdpa_mask``: it returns a boolean mask, or None when the
 pattern is plain causal, which keeps the fused path exactly as fast as unwrapped sdpa.
 The eager path turns that into the additive float mask itself.
