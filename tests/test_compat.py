@@ -294,3 +294,53 @@ def test_set_attn_implementation_while_wrapped_is_detected():
         with attnkit.wrap(model, Identity()):
             pass
     assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+# -- generation modes that passed wrapped as unwrapped: keep them so --------------------------------
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_generation_modes_with_a_method_equal_unwrapped(family):
+    """Beam search and prompt-lookup (assisted) decoding give, wrapped with identity (eager path on every layer), what the unwrapped model gives."""
+    model, inputs = deep(family)
+    one = one_row(family)  # assisted decoding takes one row
+    modes = [(inputs, dict(num_beams=2)), (one, dict(prompt_lookup_num_tokens=2))]
+    with torch.no_grad():
+        refs = [model.generate(**x, max_new_tokens=4, do_sample=False, **kw) for x, kw in modes]
+        with attnkit.wrap(model, Identity()):
+            for (x, kw), ref in zip(modes, refs):
+                assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False, **kw), ref), kw
+
+
+def test_continuing_from_a_cache_with_several_new_tokens():
+    """A prompt's last 3 tokens fed as a second forward over the cache of the first part: a decode step
+    of 3 rows, the same last logits as the whole prompt at once."""
+    model, _ = deep("llava")
+    one = one_row("llava")
+    ids = one["input_ids"]
+    head = dict(one, input_ids=ids[:, :-3])
+    with torch.no_grad():
+        ref = model(**one).logits[:, -1]
+        with attnkit.wrap(model, Identity()) as handle:
+            cache = compat.output_cache(model(**head, use_cache=True))
+            tail = model(input_ids=ids[:, -3:], **{compat.cache_keyword(model): cache}).logits[:, -1]
+            assert not handle.ctx.is_prefill and handle.ctx.past_len == ids.shape[1] - 3 and handle.ctx.q_len == 3
+    torch.testing.assert_close(tail, ref, atol=1e-5, rtol=0)
+
+
+def test_prompt_lookup_with_output_attentions_wrapped():
+    """transformers' assisted decoding reads outputs.attentions[0] when attentions are asked for: a wrapped
+    model must return them (it returned empty tuples before)."""
+    model, _ = deep("llava")
+    inputs = one_row("llava")
+    model.set_attn_implementation("eager")
+    kw = dict(max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2, output_attentions=True,
+              return_dict_in_generate=True)
+    try:
+        with torch.no_grad():
+            ref = model.generate(**inputs, **kw)
+            with attnkit.wrap(model, []):
+                got = model.generate(**inputs, **kw)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(got.sequences, ref.sequences)
+    assert len(got.attentions) == len(ref.attentions)
+    assert all(a is not None for step in got.attentions for a in step)
