@@ -14,7 +14,7 @@ import torch
 import attnkit
 from attnkit import errors, testing
 from attnkit.hooks import compat
-from attnkit.methods import ACT, PAI, VAR, FastV, HiPrune, Identity, PyramidDrop, SparseVLM, VisionZip
+from attnkit.methods import ACT, PAI, VAR, FastV, HiPrune, Identity, Method, PyramidDrop, SparseVLM, VisionZip
 
 from .conftest import extend_inputs
 from .test_methods_common import SINK_DIM, TAU, plant_sinks
@@ -50,9 +50,10 @@ METHODS = {
 }
 #: Methods whose rewrite applies to the new token at every decode step (the others act at prefill only).
 ACTS_AT_DECODE = {"identity", "var", "pai", "act"}
-#: Methods whose cached generate equals full recomputation (the LLM-side pruning methods rank at prefill;
-#: their own tests replay that selection in the recomputation instead).
-RECOMPUTABLE = {"identity", "pai", "visionzip", "hiprune"}
+#: Methods whose cached generate equals full recomputation (PAI lifts the last row of each forward, so a
+#: recomputation lifts other rows; the LLM-side pruning methods rank at prefill and their own tests
+#: replay that selection in the recomputation instead).
+RECOMPUTABLE = {"identity", "visionzip", "hiprune"}
 CALLBACKS = ("scores", "collect", "column_sums", "probs", "sparse_probs", "head_output", "observe")
 
 
@@ -344,3 +345,32 @@ def test_prompt_lookup_with_output_attentions_wrapped():
     assert torch.equal(got.sequences, ref.sequences)
     assert len(got.attentions) == len(ref.attentions)
     assert all(a is not None for step in got.attentions for a in step)
+
+
+class ImageLift(Method):
+    """Test double: every row's scores on the image columns lifted by 1 (indexed as the context says)."""
+
+    name = "image_lift_double"
+
+    def scores(self, ctx, layer, scores):
+        image = ctx.image_mask_kv()[:, None, None, : scores.shape[-1]].to(scores.dtype)
+        return scores + image
+
+
+def test_sliding_window_layer_past_its_window():
+    """Gemma3's sliding layers keep only the last 32 keys in the cache (the tiny prompt has 39 tokens):
+    a decode step must rewrite the columns of the positions the context names, so that a method acting on
+    every row gives the logits a full recomputation gives (it lifted the wrong keys before)."""
+    model, _ = deep("gemma3")
+    inputs = testing.tiny_inputs("gemma3")
+    assert inputs["input_ids"].shape[1] > model.config.get_text_config().sliding_window
+    new = torch.tensor([[7], [9]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    whole = extend_inputs(inputs, new)
+    for method in (Identity(), ImageLift()):
+        with torch.no_grad(), attnkit.wrap(model, method) as handle:
+            cache = compat.output_cache(model(**inputs, use_cache=True))
+            step = model(input_ids=new, attention_mask=mask, **{compat.cache_keyword(model): cache}).logits[:, -1]
+            assert not handle.ctx.is_prefill
+            full = model(**whole, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=0)

@@ -169,15 +169,43 @@ def attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     _check_call(handle, layer, key.shape[2])
     keep = ctx.keep_for_layer(layer) if ctx.keep else None
+    methods = handle.methods_for_layer(layer)
+    pad = ctx.kv_len - key.shape[2]  # > 0 only on a sliding-window layer past its window (check_keys)
+    if pad > 0 and (methods or keep is not None or handle.want_weights):
+        key, value, attention_mask = _unwindow(key, value, attention_mask, pad, query.shape[2])
     if keep is not None:
         attention_mask = _apply_keep(attention_mask, keep, query.shape[2], key.shape[2])
-    methods = handle.methods_for_layer(layer)
     if not methods and not handle.want_weights:
         if ctx.branch_rows and not args:  # attnkit's image-free rows, left-padded to the prompt
             return _sdpa(ctx, module, query, key, value, attention_mask, kwargs.pop("dropout", 0.0),
                          kwargs.pop("scaling", None), kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-    return _eager(handle, methods, module, layer, query, key, value, attention_mask, *args, **kwargs)
+    out, weights = _eager(handle, methods, module, layer, query, key, value, attention_mask, *args, **kwargs)
+    if pad > 0 and weights is not None:
+        weights = weights[..., pad:]  # the layer's own keys, as eager attention returns them
+    return out, weights
+
+
+def _unwindow(key, value, attention_mask, pad: int, q_len: int) -> tuple:
+    """A sliding-window layer's cache holds only the last keys of the sequence: put them back at their
+    positions (``pad`` invisible zero keys in front) so that key column j is sequence position j, as
+    the context and the methods index them, and so that a method rewrites the columns it means to.
+    The new columns are masked for every row: the result is the layer's own attention."""
+    width = key.shape[2]
+    if attention_mask is None:  # every cached key visible to the last query row, causal before it
+        rows = torch.arange(q_len, device=key.device)[:, None]
+        cols = torch.arange(width, device=key.device)[None, :]
+        base = (cols <= width - q_len + rows)[None, None]
+    else:
+        if attention_mask.shape[-1] != width:
+            raise TransformersCompatError(
+                f"a sliding-window layer got {width} keys and a mask over {attention_mask.shape[-1]} ({where()})"
+            )
+        base = _bool_mask(attention_mask, q_len, width, key.device)
+    mask = torch.cat([base.new_zeros(*base.shape[:3], pad), base], dim=-1)
+    key = torch.cat([key.new_zeros(*key.shape[:2], pad, key.shape[3]), key], dim=2)
+    value = torch.cat([value.new_zeros(*value.shape[:2], pad, value.shape[3]), value], dim=2)
+    return key, value, mask
 
 
 def _check_call(handle: Handle, layer: int, key_len: int) -> None:

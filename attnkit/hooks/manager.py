@@ -80,7 +80,8 @@ class Handle:
         )
         self._torch_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._marked: list[torch.nn.Module] = []
-        self._saved_impl: list[tuple[Any, Any]] = []
+        self._saved_impl: list[tuple[Any, Any]] = []  # every config's attention implementation before wrap()
+        self._set_impl: list[tuple[Any, Any]] = []  # what wrap() left in each (remove() keeps later changes)
         self._routes: list[list[Method]] = [[] for _ in range(adapter.num_layers)]
         self._layer: tuple | None = None  # during select callbacks: (decoder layer, positions, its inputs)
         self._gathered: dict = {}  # drop mode: the layer inputs gathered in this forward
@@ -169,7 +170,7 @@ class Handle:
             if mod.__dict__.get(dispatch.HANDLE_ATTR) is self:
                 delattr(mod, dispatch.HANDLE_ATTR)
         self._marked.clear()
-        ours = dict((id(cfg), impl) for cfg, impl in getattr(self, "_set_impl", []))
+        ours = {id(cfg): impl for cfg, impl in self._set_impl}
         kept = []
         for cfg, impl in self._saved_impl:
             if id(cfg) in ours and compat.get_impl(cfg) != ours[id(cfg)]:
