@@ -468,7 +468,8 @@ def test_task_score_and_outputs(coco):
     assert extra["image_ids.json"] == [s.meta["image_id"] for s in samples]
     assert task.summary(metrics) == format_summary(metrics)
     assert task.config() == {"task": "chair", "split": "val2014", "num_images": 4, "seed": 3,
-                             "prompt": "Please describe this image in detail.", "annotations_dir": str(coco)}
+                             "prompt": "Please describe this image in detail.", "annotations_dir": str(coco),
+                             "vocab": "coco", "vocab_file": None}
     with pytest.raises(DataError, match=r"record '999': image id 999 has no ground truth"):
         task.score([{"id": "999", "output": "a dog", "meta": {"image_id": 999}}])
     with pytest.raises(DataError, match=r"record '1': 'output' must be a string"):

@@ -61,6 +61,7 @@ The per-image ground truth is built once and cached as JSON next to the annotati
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -123,6 +124,84 @@ def singularize(word: str) -> str:
 
 _singular = functools.lru_cache(maxsize=1 << 16)(singularize)  # captions repeat their words a lot
 
+# ----------------------------------------------------------------------------- vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """The objects CHAIR counts: surface forms (singular words or two-word phrases) -> category.
+
+    ``COCO`` is Rohrbach et al.'s table with its COCO-only phrase rules (baby/adult animals,
+    passenger vehicles, bow tie, the toilet seat); ``load_vocabulary`` reads another set's
+    categories and synonyms from JSON.
+    """
+
+    name: str
+    surface_to_category: dict[str, str]
+    phrase_to_word: dict[str, str]  # two singularized words -> the unit looked up in surface_to_category
+    coco_rules: bool = False  # "seat" is no chair in a caption that mentions a toilet
+    fingerprint: str = ""
+
+    def category_of(self, name: str) -> str | None:
+        """The category an annotation's category name stands for (None if the vocabulary lacks it)."""
+        return self.surface_to_category.get(name.lower())
+
+
+COCO = Vocabulary("coco", W.SURFACE_TO_CATEGORY, W.PHRASE_TO_WORD, coco_rules=True, fingerprint="coco")
+_SURFACE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*(?: [a-z0-9]+(?:-[a-z0-9]+)*)?$")
+
+
+def vocabulary_from(categories: dict[str, Any], name: str = "custom", where: str = "vocabulary") -> Vocabulary:
+    """A Vocabulary from ``{category: [synonym, ...]}``; each name and synonym is one word or two.
+
+    Surface forms are lower-cased and singularized word by word, as caption words are; a form
+    claimed by two categories is an error.
+    """
+    if not isinstance(categories, dict) or not categories:
+        raise DataError(f"{where}: 'categories' must be a non-empty object of category -> list of synonyms")
+    surface: dict[str, str] = {}
+    phrases: dict[str, str] = {}
+    for cat, synonyms in categories.items():
+        if not isinstance(synonyms, list) or not all(isinstance(x, str) for x in synonyms):
+            raise DataError(f"{where}: category {cat!r}: synonyms must be a list of strings")
+        for form in [cat, *synonyms]:
+            text = " ".join(form.lower().split())
+            if not _SURFACE.match(text):
+                raise DataError(f"{where}: category {cat!r}: {form!r} is not one word or two")
+            words = [singularize(w) for w in text.split()]
+            unit = " ".join(words)
+            if surface.get(unit, cat) != cat:
+                raise DataError(f"{where}: {form!r} is listed under both {surface[unit]!r} and {cat!r}")
+            surface[unit] = cat
+            if len(words) == 2:
+                phrases[unit] = unit
+    digest = hashlib.sha256(json.dumps(sorted(surface.items())).encode()).hexdigest()[:12]
+    return Vocabulary(name, surface, phrases, coco_rules=False, fingerprint=f"{name}-{digest}")
+
+
+def load_vocabulary(path: str | Path | None) -> Vocabulary:
+    """COCO's vocabulary for None, else the JSON file ``path``.
+
+    The file holds ``{"name": ..., "categories": {category: [synonym, ...]}}`` (or just the
+    categories object); e.g. ``attnkit/testbed/data/vocab.json`` of the shapes set.
+    """
+    if path is None:
+        return COCO
+    src = Path(path).expanduser()
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"CHAIR vocabulary file not found: {src}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{src} line {e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read CHAIR vocabulary {src}: {e}") from None
+    if isinstance(data, dict) and "categories" in data:
+        name = data.get("name") or src.stem
+        return vocabulary_from(data["categories"], str(name), str(src))
+    return vocabulary_from(data, src.stem, str(src))
+
+
 # ----------------------------------------------------------------------------- reading captions
 
 _TOKEN = re.compile(r"(?P<clitic>'(?:s|re|ve|ll|d|m|t)\b)|(?P<word>[^\W_]+(?:-[^\W_]+)*)|(?P<mark>\S)")
@@ -139,7 +218,7 @@ def _sentence_tokens(sentence: str) -> list[str | None]:
     return [m.group("word") for m in _TOKEN.finditer(sentence)]
 
 
-def _read(caption: str) -> tuple[list[tuple[str, str]], int]:
+def _read(caption: str, vocab: Vocabulary = COCO) -> tuple[list[tuple[str, str]], int]:
     """(mentions as (surface words, category), number of words) of one caption."""
     text = caption.lower().replace("\u2019", "'")
     units: list[tuple[str, str]] = []  # (surface, unit word)
@@ -158,22 +237,23 @@ def _read(caption: str) -> tuple[list[tuple[str, str]], int]:
             if nxt is not None:
                 second = _singular(nxt)
                 # first word singularized, or as written ("sports ball", "tennis racket")
-                target = W.PHRASE_TO_WORD.get(f"{sing} {second}") or W.PHRASE_TO_WORD.get(f"{tok} {second}")
+                target = vocab.phrase_to_word.get(f"{sing} {second}") or vocab.phrase_to_word.get(f"{tok} {second}")
                 if target is not None:
                     units.append((f"{tok} {nxt}", target))
                     i += 2
                     continue
             units.append((tok, sing))
             i += 1
-    if any(u == "toilet" for _, u in units):  # "the seat of the toilet" is no chair
+    if vocab.coco_rules and any(u == "toilet" for _, u in units):  # "the seat of the toilet" is no chair
         units = [(s, u) for s, u in units if u != "seat"]
-    mentions = [(s, W.SURFACE_TO_CATEGORY[u]) for s, u in units if u in W.SURFACE_TO_CATEGORY]
+    table = vocab.surface_to_category
+    mentions = [(s, table[u]) for s, u in units if u in table]
     return mentions, n_words
 
 
-def extract_mentions(caption: str) -> list[tuple[str, str]]:
-    """Every COCO object mention of ``caption`` in order, as (surface words, category)."""
-    return _read(caption)[0]
+def extract_mentions(caption: str, vocab: Vocabulary = COCO) -> list[tuple[str, str]]:
+    """Every object mention of ``caption`` in order, as (surface words, category)."""
+    return _read(caption, vocab)[0]
 
 
 def count_words(caption: str) -> int:
@@ -223,7 +303,7 @@ def _int_id(value: Any, where: str) -> int:
     raise DataError(f"{where}: image id must be an integer, got {value!r}")
 
 
-def _build_ground_truth(instances: Path, captions: Path) -> dict[int, set[str]]:
+def _build_ground_truth(instances: Path, captions: Path, vocab: Vocabulary = COCO) -> dict[int, set[str]]:
     """Image id -> instance categories + categories mentioned in the reference captions."""
     inst = _read_coco(instances)
     caps = _read_coco(captions)
@@ -233,10 +313,12 @@ def _build_ground_truth(instances: Path, captions: Path) -> dict[int, set[str]]:
             gt.setdefault(_int_id(image_id, f"{path} images"), set())
     names: dict[Any, str] = {}
     for cat_id, cat in inst.cats.items():
-        name = str(cat.get("name", "")).lower()
-        if name not in W.SURFACE_TO_CATEGORY:
-            raise DataError(f"{instances}: category {cat_id} {cat.get('name')!r} is not a COCO category")
-        names[cat_id] = W.SURFACE_TO_CATEGORY[name]
+        category = vocab.category_of(str(cat.get("name", "")))
+        if category is None:
+            what = "a COCO category (another set needs its vocabulary: --vocab)" if vocab is COCO else \
+                f"a category of the {vocab.name} vocabulary"
+            raise DataError(f"{instances}: category {cat_id} {cat.get('name')!r} is not {what}")
+        names[cat_id] = category
     for ann in inst.anns.values():
         cat_id = ann.get("category_id")
         if cat_id not in names:
@@ -248,7 +330,7 @@ def _build_ground_truth(instances: Path, captions: Path) -> dict[int, set[str]]:
         if not isinstance(text, str):
             raise DataError(f"{captions}: annotation {ann.get('id')} has no 'caption' string")
         image_id = _int_id(ann.get("image_id"), f"{captions}: annotation {ann.get('id')}")
-        gt.setdefault(image_id, set()).update(cat for _, cat in extract_mentions(text))
+        gt.setdefault(image_id, set()).update(cat for _, cat in extract_mentions(text, vocab))
     return gt
 
 
@@ -268,14 +350,17 @@ def _stamp(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cache_path(annotations_dir: str | Path, split: str = "val2014", cache_dir: str | Path | None = None) -> Path:
+def cache_path(annotations_dir: str | Path, split: str = "val2014", cache_dir: str | Path | None = None,
+               vocab: Vocabulary = COCO) -> Path:
     """Where the ground-truth cache of ``split`` lives.
 
     ``cache_dir`` if given, else the annotations dir if writable, else ``~/.cache/attnkit``; outside
-    the annotations dir the name carries a hash of its path, so one cache dir serves many.
+    the annotations dir the name carries a hash of its path, so one cache dir serves many. A
+    vocabulary other than COCO's adds its fingerprint to the name.
     """
     root = Path(annotations_dir).expanduser()
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    split = split if vocab is COCO else f"{split}_{vocab.fingerprint}"
     if cache_dir is not None:
         return Path(cache_dir).expanduser() / f"chair_ground_truth_{split}_{tag}.json"
     if os.access(root, os.W_OK):
@@ -308,21 +393,22 @@ def _read_cache(path: Path, key: dict[str, Any]) -> dict[int, set[str]] | None:
 
 
 def load_ground_truth(
-    annotations_dir: str | Path, split: str = "val2014", cache_dir: str | Path | None = None
+    annotations_dir: str | Path, split: str = "val2014", cache_dir: str | Path | None = None,
+    vocab: Vocabulary = COCO,
 ) -> dict[int, set[str]]:
-    """Image id -> set of COCO categories (instances U reference-caption mentions) of ``split``.
+    """Image id -> set of categories (instances U reference-caption mentions) of ``split``.
 
     Reads ``instances_{split}.json`` and ``captions_{split}.json`` with pycocotools once, then
     reuses a JSON cache (see ``cache_path``) while both files keep their size and mtime.
     """
     instances, captions = _annotation_files(annotations_dir, split)
-    key = {"format": _CACHE_FORMAT, "code": _code_fingerprint(), "split": split,
+    key = {"format": _CACHE_FORMAT, "code": _code_fingerprint(), "split": split, "vocab": vocab.fingerprint,
            "sources": [_stamp(instances), _stamp(captions)]}  # stamped before reading: a change mid-build rebuilds
-    target = cache_path(annotations_dir, split, cache_dir)
+    target = cache_path(annotations_dir, split, cache_dir, vocab)
     cached = _read_cache(target, key)
     if cached is not None:
         return cached
-    gt = _build_ground_truth(instances, captions)
+    gt = _build_ground_truth(instances, captions, vocab)
     payload = {"key": key, "ground_truth": {str(k): sorted(v) for k, v in sorted(gt.items())}}
     try:
         _atomic_write(target, json.dumps(payload, separators=(",", ":")))
@@ -339,6 +425,7 @@ def score_captions(
     items: Sequence[tuple[Any, str]],
     ground_truth: dict[int, set[str]],
     where: Sequence[str] | None = None,
+    vocab: Vocabulary = COCO,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(metrics, per-caption results) of (image_id, caption) pairs against ``ground_truth``.
 
@@ -361,7 +448,7 @@ def score_captions(
             raise DataError(f"{loc}: image id {image_id} has no ground truth (not an image of the annotation split)")
         if not isinstance(caption, str):
             raise DataError(f"{loc}: caption must be a string, got {type(caption).__name__}")
-        mentions, words = _read(caption)
+        mentions, words = _read(caption, vocab)
         hallucinated = [(s, c) for s, c in mentions if c not in gt]
         n_mentions += len(mentions)
         n_hall += len(hallucinated)
@@ -428,12 +515,15 @@ def score_file(
     caption_key: str = "caption",
     output: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    vocab: str | Path | Vocabulary | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Score a JSONL (or .json list) file of captions; write per-caption results as JSONL.
 
     ``output`` defaults to ``<captions path without suffix>.chair.jsonl``; the input file is never
-    overwritten. Returns (metrics, path written).
+    overwritten. ``vocab``: a Vocabulary or a vocabulary JSON file (default COCO's). Returns
+    (metrics, path written).
     """
+    vocab = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab)
     src = Path(captions_path).expanduser()
     stem = src.with_suffix("")
     out = Path(output).expanduser() if output is not None else stem.with_name(stem.name + ".chair.jsonl")
@@ -453,8 +543,8 @@ def score_file(
         where.append(loc)
     if not items:
         raise DataError(f"{src}: no captions (empty file)")
-    gt = load_ground_truth(annotations_dir, split, cache_dir)
-    metrics, per = score_captions(items, gt, where)
+    gt = load_ground_truth(annotations_dir, split, cache_dir, vocab)
+    metrics, per = score_captions(items, gt, where, vocab)
     try:
         _atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per))
     except OSError as e:
@@ -496,6 +586,7 @@ class ChairTask(Task):
         seed: int = 0,
         prompt: str = DEFAULT_PROMPT,
         cache_dir: str | Path | None = None,
+        vocab: str | Path | Vocabulary | None = None,
     ) -> None:
         if not isinstance(num_images, int) or num_images < 1:
             raise DataError(f"CHAIR num_images must be a positive integer, got {num_images!r}")
@@ -508,6 +599,8 @@ class ChairTask(Task):
         self.seed = seed
         self.prompt = prompt
         self.cache_dir = cache_dir
+        self.vocab_file = None if vocab is None or isinstance(vocab, Vocabulary) else str(vocab)
+        self.vocab = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab)
         self._image_ids: list[int] | None = None
         self._ground_truth: dict[int, set[str]] | None = None
 
@@ -538,7 +631,7 @@ class ChairTask(Task):
     def ground_truth(self) -> dict[int, set[str]]:
         """The split's ground truth, loaded (or read from the cache) once per task."""
         if self._ground_truth is None:
-            self._ground_truth = load_ground_truth(self.annotations_dir, self.split, self.cache_dir)
+            self._ground_truth = load_ground_truth(self.annotations_dir, self.split, self.cache_dir, self.vocab)
         return self._ground_truth
 
     def _score(self, records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -554,7 +647,7 @@ class ChairTask(Task):
             where.append(loc)
         if not items:
             raise DataError("no CHAIR records to score")
-        return score_captions(items, self.ground_truth(), where)
+        return score_captions(items, self.ground_truth(), where, self.vocab)
 
     def score(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         return self._score(records)[0]
@@ -566,7 +659,8 @@ class ChairTask(Task):
 
     def config(self) -> dict[str, Any]:
         return {"task": self.name, "split": self.split, "num_images": self.num_images, "seed": self.seed,
-                "prompt": self.prompt, "annotations_dir": str(self.annotations_dir)}
+                "prompt": self.prompt, "annotations_dir": str(self.annotations_dir), "vocab": self.vocab.name,
+                "vocab_file": self.vocab_file}
 
     def summary(self, metrics: dict[str, Any]) -> str:
         return format_summary(metrics)

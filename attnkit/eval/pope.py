@@ -20,7 +20,7 @@ from typing import Any
 from attnkit.errors import DataError, OutputError
 from attnkit.eval.base import Sample, Task
 
-SOURCES: tuple[str, ...] = ("coco", "aokvqa", "gqa")
+SOURCES: tuple[str, ...] = ("coco", "aokvqa", "gqa", "shapes")  # shapes: attnkit's testbed set
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 DEFAULT_SUFFIX = " Please answer yes or no."
 #: config of the lmms-lab/POPE dataset whose splits are adversarial / popular / random
