@@ -100,6 +100,8 @@ def _make_task(args: argparse.Namespace) -> Any:
     name = args.task
     if name not in TASKS:
         raise AttnkitError(f"unknown task {name!r} (valid: {', '.join(TASKS)})")
+    if args.model == "testbed" and args.data_dir is None and args.annotations is None:
+        return _testbed_task(args)
     if name == "pope":
         from .eval.pope import PopeTask
 
@@ -117,13 +119,32 @@ def _make_task(args: argparse.Namespace) -> Any:
     if name == "chair":
         from .eval.chair import ChairTask
 
-        return ChairTask(annotations, args.image_dir, split=split, num_images=args.num_images, seed=args.seed)
+        return ChairTask(annotations, args.image_dir, split=split, num_images=args.num_images, seed=args.seed,
+                         vocab=args.vocab)
     from .eval.grounding import GroundingTask
 
     kw = {"split": split, "refs": args.refs, "layers": _parse_layers(args.layers)}
     if args.suffix is not None:
         kw["suffix"] = args.suffix
     return GroundingTask(annotations, args.image_dir, **kw)
+
+
+def _testbed_task(args: argparse.Namespace) -> Any:
+    """The task on the testbed's bundled val data (``--model testbed`` without a data dir)."""
+    from . import testbed
+
+    kw: dict[str, Any] = {}
+    if args.suffix is not None and args.task != "chair":
+        kw["suffix"] = args.suffix
+    if args.task == "pope":
+        return testbed.pope_task((args.split or "adversarial").split(","), strict=args.strict, **kw)
+    if args.split is not None and args.split != testbed.SPLIT:
+        raise AttnkitError(f"--split {args.split}: the testbed ships only its {testbed.SPLIT!r} split")
+    if args.task == "chair":
+        if args.vocab is not None:
+            kw["vocab"] = args.vocab
+        return testbed.chair_task(min(args.num_images, testbed.N_VAL), seed=args.seed, **kw)
+    return testbed.grounding_task(layers=_parse_layers(args.layers), **kw)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -166,14 +187,37 @@ def cmd_chair(args: argparse.Namespace) -> int:
     from .eval.chair import format_summary, score_file
 
     metrics, written = score_file(args.captions, args.annotations, split=args.split,
-                                  image_id_key=args.image_id_key, caption_key=args.caption_key, output=args.output)
+                                  image_id_key=args.image_id_key, caption_key=args.caption_key, output=args.output,
+                                  vocab=args.vocab)
     print(format_summary(metrics))
     print(f"\nper-caption results: {written}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Greedy generation on a tiny offline model, without and with a method, both outputs printed."""
+    """The testbed on POPE-adversarial and CHAIR with every method (default), or a family's tiny random model."""
+    if args.family is None:
+        from .testbed import demo
+
+        names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
+        from .methods.registry import get_method_class
+
+        for n in names:
+            if n != "none":
+                get_method_class(n)  # unknown names fail before any work
+        table = demo.run(names, pope_questions=args.pope_questions, chair_images=args.chair_images,
+                         batch_size=args.batch_size, out_dir=args.output, progress=not args.no_progress,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print("testbed (attnkit's shipped toy VLM on its shapes set; see README, Testbed): POPE adversarial "
+              f"({args.pope_questions} questions) and CHAIR ({args.chair_images} images), each method at its defaults "
+              "(VisionZip 6+1 and HiPrune 21 tokens: their LLaVA-1.5 shares of 576 scaled to 64)\n")
+        print(table)
+        return 0
+    return _demo_family(args)
+
+
+def _demo_family(args: argparse.Namespace) -> int:
+    """Greedy generation on a tiny offline random model, without and with a method, both outputs printed."""
     import torch
 
     import attnkit
@@ -199,6 +243,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_methods() -> tuple[str, ...]:
+    from .testbed.demo import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``attnkit: error: ...``, exit 2) instead of usage dumps."""
 
@@ -213,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list methods, model families and tasks").set_defaults(func=cmd_list)
 
     e = sub.add_parser("eval", help="run a benchmark task (pope, chair, grounding) through a wrapped model")
-    e.add_argument("--model", required=True, help="hub id, local path, or tiny:FAMILY")
+    e.add_argument("--model", required=True,
+                   help="hub id, local path, testbed (the shipped toy VLM; its data is the default) or tiny:FAMILY")
     e.add_argument("--method", default="none", help="method name(s), comma-separated; 'none' = unwrapped")
     e.add_argument("--method-arg", action="append", default=[], metavar="[NAME.]K=V")
     e.add_argument("--task", required=True, help="pope, chair or grounding")
@@ -227,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--refs", default=None, help="grounding: RefCOCO-style refs JSON (image_id, ann_id, sentences)")
     e.add_argument("--layers", default=None, help="grounding: layers to average, e.g. 8-15 (default all)")
     e.add_argument("--num-images", type=int, default=500, help="CHAIR: images sampled from the split")
+    e.add_argument("--vocab", default=None,
+                   help="CHAIR: vocabulary JSON ({category: [synonyms]}) of a non-COCO set (default COCO's)")
     e.add_argument("--strict", action="store_true", help="POPE: replies that are not clearly yes/no count as unknown")
     e.add_argument("--suffix", default=None, help="text appended to each question (POPE default: ' Please answer yes or no.')")
     e.add_argument("--limit", type=int, default=None, help="run only the first N samples")
@@ -252,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-id-key", default="image_id")
     c.add_argument("--caption-key", default="caption")
     c.add_argument("--output", default=None, help="per-caption results (default CAPTIONS.chair.jsonl)")
+    c.add_argument("--vocab", default=None,
+                   help="vocabulary JSON ({category: [synonyms]}) of a non-COCO set (default COCO's)")
     c.set_defaults(func=cmd_chair)
 
     b = sub.add_parser("build-pope", help="build POPE question files from a COCO-format instances file")
@@ -264,9 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build_pope)
 
-    d = sub.add_parser("demo", help="generate on a tiny offline model with and without a method")
-    d.add_argument("--family", default="llava")
-    d.add_argument("--method", default="identity")
+    d = sub.add_parser("demo", help="the testbed on POPE and CHAIR with every method (or --family: a tiny random model)")
+    d.add_argument("--methods", default=",".join(_demo_methods()), help="testbed rows, comma-separated ('none' = unwrapped)")
+    d.add_argument("--pope-questions", type=int, default=800, help="testbed: POPE-adversarial questions per row")
+    d.add_argument("--chair-images", type=int, default=200, help="testbed: CHAIR images per row")
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--output", default=None, help="testbed: keep each row's run directory here (default: a temp dir)")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--family", default=None, help="instead: generate on this family's tiny random model")
+    d.add_argument("--method", default="identity", help="with --family: the method to wrap with")
     d.add_argument("--method-arg", action="append", default=[], metavar="K=V")
     d.add_argument("--max-new-tokens", type=int, default=12)
     d.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,7 @@
-"""Load a model and its processor from a model spec: a hub id, a local path, or ``tiny:FAMILY``.
+"""Load a model and its processor from a model spec: a hub id, a local path, ``testbed`` or ``tiny:FAMILY``.
 
-``tiny:FAMILY`` builds the offline tiny random model and processor of attnkit.testing, so the
+``testbed`` is the trained toy VLM that ships with attnkit (``attnkit.testbed``; a local directory
+of that name is reached as ``./testbed``). ``tiny:FAMILY`` builds the offline tiny random model and processor of attnkit.testing, so the
 whole toolkit runs with no download. Everything else goes through transformers'
 AutoModelForImageTextToText / AutoProcessor (``trust_remote_code`` only when asked for); the
 processor's tokenizer is set to pad on the left, as batched generation needs.
@@ -22,6 +23,12 @@ class ModelLoadError(AttnkitError):
     """A model spec that cannot be loaded (unknown tiny family, missing path, bad dtype)."""
 
 
+def _dtype(name: str) -> Any:
+    if name not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r} (valid: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
 def load_model(
     spec: str,
     *,
@@ -31,6 +38,12 @@ def load_model(
     seed: int = 0,
 ) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, processor) for ``spec``."""
+    if spec == "testbed":
+        from . import testbed
+
+        if isinstance(dtype, str):
+            dtype = _dtype(dtype)
+        return testbed.load(None if dtype == "auto" else dtype)
     if spec.startswith("tiny:"):
         from . import testing
 
@@ -41,9 +54,7 @@ def load_model(
         return model, testing.tiny_processor(family)
 
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ModelLoadError(f"unknown dtype {dtype!r} (valid: {', '.join(_DTYPES)})")
-        dtype = _DTYPES[dtype]
+        dtype = _dtype(dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kwargs: dict[str, Any] = {}

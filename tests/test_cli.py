@@ -22,10 +22,13 @@ def test_demo_prints_both_outputs(capsys):
 
 
 def test_bad_method_is_one_line_exit_2(capsys):
-    assert cli.main(["demo", "--method", "nope"]) == 2
+    assert cli.main(["demo", "--family", "llava", "--method", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("attnkit: error: unknown method 'nope'") and "\n" not in err
-    assert cli.main(["demo", "--method-arg", "p=0.5"]) == 2
+    assert cli.main(["demo", "--methods", "none,nope"]) == 2  # the testbed demo checks names before running
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnkit: error: unknown method 'nope'") and "\n" not in err
+    assert cli.main(["demo", "--family", "llava", "--method-arg", "p=0.5"]) == 2
     assert "identity: unknown argument 'p'" in capsys.readouterr().err
 
 

@@ -148,13 +148,13 @@ def _choose_shapes(rng: random.Random) -> list[str]:
 
 
 def _place(shapes: list[str], rng: random.Random) -> list[Obj]:
-    """Non-overlapping objects of radius 7-13 px (smaller when three do not fit)."""
+    """Non-overlapping objects of radius 8-14 px (smaller when three do not fit)."""
     for attempt in range(200):
         scale = 1.0 if attempt < 100 else 0.75
         boxes: list[tuple[float, float, float]] = []
         for _ in shapes:
             for _ in range(60):
-                r = rng.uniform(7.0, 13.0) * scale
+                r = rng.uniform(8.0, 14.0) * scale
                 cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1), rng.uniform(r + 1, IMAGE_SIZE - r - 1)
                 if all(max(abs(cx - x), abs(cy - y)) > r + q + 2 for x, y, q in boxes):
                     boxes.append((cx, cy, r))
