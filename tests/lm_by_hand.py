@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+import attnkit
+
 
 def prompt_embeddings(model, inputs) -> torch.Tensor:
     """(S, d) the language model's input: token embeddings with the image features in place."""
@@ -81,3 +83,26 @@ def run(model, hidden: torch.Tensor, ids: list, before: Before, renumber: bool) 
             )
             hidden = (out[0] if isinstance(out, tuple) else out)[0]
         return model.lm_head(lm.norm(hidden[None]))[0], ids
+
+
+def check_both_layouts(model, inputs, make_method, by_hand, n_new: int = 5) -> dict[str, torch.Tensor]:
+    """For positions "original" and "official": the wrapped model's cached greedy generate gives at every
+    step the logits ``by_hand(model, inputs, renumber, new_tokens_so_far)`` computes for the whole
+    sequence (atol 1e-4; its prefill logits to 1e-5), and its drops list the kept prompt positions the
+    by-hand run gives per layer, in order. Returns the last prompt position's logits per layout."""
+    s_len = inputs["input_ids"].shape[1]
+    last = {}
+    for positions in ("original", "official"):
+        with torch.no_grad(), attnkit.wrap(model, make_method(positions)) as handle:
+            last[positions] = model(**inputs).logits[0, -1]
+            drops = [(layer, pos[0].tolist()) for layer, pos in handle.ctx.drops]
+            out = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[0, s_len:]
+        for t in range(n_new):
+            ref, kept = by_hand(model, inputs, positions == "official", new[:t])
+            torch.testing.assert_close(out.logits[t][0], ref[-1], atol=1e-4, rtol=0, msg=f"{positions} step {t}")
+            if t == 0:
+                assert drops == sorted(kept.items())
+                torch.testing.assert_close(last[positions], ref[-1], atol=1e-5, rtol=0)
+    return last

@@ -452,19 +452,7 @@ def test_official_positions_against_the_model_run_by_hand():
     centre's) is checked the same way, and the two differ."""
     model, _ = _deep("llava")
     inputs = testing.tiny_inputs("llava", prompts=[PADDED_PROMPTS[1]], images=testing.sample_images(1))
-    s_len, n_new = inputs["input_ids"].shape[1], 5
-    last = {}
-    for positions in ("original", "official"):
-        with torch.no_grad(), attnkit.wrap(model, SparseVLM(budget=192, positions=positions)) as handle:
-            last[positions] = model(**inputs).logits[0, -1]
-            drops = [(layer, pos[0].tolist()) for layer, pos in handle.ctx.drops]
-            out = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)
-        new = out.sequences[0, s_len:]
-        for t in range(n_new):
-            ref, kept = _sparsevlm_by_hand(model, inputs, positions == "official", new[:t])
-            torch.testing.assert_close(out.logits[t][0], ref[-1], atol=1e-4, rtol=0, msg=f"{positions} step {t}")
-            if t == 0:
-                assert drops == sorted(kept.items())
-                torch.testing.assert_close(last[positions], ref[-1], atol=1e-5, rtol=0)
+    last = lm_by_hand.check_both_layouts(
+        model, inputs, lambda positions: SparseVLM(budget=192, positions=positions), _sparsevlm_by_hand
+    )
     assert (last["official"] - last["original"]).abs().max() > 1e-2

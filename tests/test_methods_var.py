@@ -25,8 +25,9 @@ def _fake_handle(layers=4, hidden=8, **text):
     return SimpleNamespace(adapter=SimpleNamespace(num_layers=layers, text_config=text_config), ctx=ctx)
 
 
-def test_redistribution_by_hand():
-    """Tokens: 0 BOS (text sink), 1-4 image (2 a visual sink), 5 text. Row 5 is the query."""
+def _six_tokens():
+    """VAR (p=0.6, rho=0.5, summ=0.2) attached to a fake 4-layer model at the prefill of 6 tokens: 0 BOS and
+    2 (an image token) are sinks at layer 1, 1-4 image tokens, 5 text. Returns (var, ctx)."""
     var = VAR(p=0.6, tau=2.0, rho=0.5, summ=0.2, start_layer=1, skip_last=1, sink_dims=[3])
     handle = _fake_handle()
     var.attach(handle)
@@ -39,6 +40,12 @@ def test_redistribution_by_hand():
     hidden[0, [0, 2], 3] = 50.0  # |RMSNorm| = 50 / sqrt((7 + 2500) / 8) = 2.82 > tau; others 1
     var.select(ctx, 1, hidden)
     assert var.sink_report()["sinks"] == {1: [[0, 2]]}
+    return var, ctx
+
+
+def test_redistribution_by_hand():
+    """Tokens: 0 BOS (text sink), 1-4 image (2 a visual sink), 5 text. Row 5 is the query."""
+    var, ctx = _six_tokens()
     assert var.rows(ctx, 1).tolist() == [5], "only the text after the image is a query row at prefill"
 
     probs = torch.tensor(
@@ -71,18 +78,7 @@ def test_visual_sink_share_takes_the_official_denominator():
     """The share is vis / sum(image attention + 1e-6): with 4 image tokens a row whose visual sink has
     0.2000015 of image attention 0.4 (vis / img = 0.50000375 > rho) is chosen, as in the official code,
     since 0.2000015 / (0.4 + 4e-6) = 0.49999875 <= 0.5; 0.2000025 (share 0.50000125) is not."""
-    var = VAR(p=0.6, tau=2.0, rho=0.5, summ=0.2, start_layer=1, skip_last=1, sink_dims=[3])
-    handle = _fake_handle()
-    var.attach(handle)
-    ctx = handle.ctx
-    ctx.batch_size, ctx.q_len, ctx.past_len, ctx.is_prefill = 1, 6, 0, True
-    ctx.image_mask = torch.tensor([[False, True, True, True, True, False]])
-    ctx.attention_mask = torch.ones(1, 6, dtype=torch.bool)
-    var.begin_forward(ctx)
-    hidden = torch.ones(1, 6, 8)
-    hidden[0, [0, 2], 3] = 50.0  # BOS and image token 2 are sinks
-    var.select(ctx, 1, hidden)
-    assert var.sink_report()["sinks"] == {1: [[0, 2]]}
+    var, ctx = _six_tokens()
     inside = [0.5, 0.1, 0.2000015, 0.05, 0.0499985, 0.1]
     beyond = [0.5, 0.1, 0.2000025, 0.05, 0.0499975, 0.1]
     assert 0.2000015 > 0.5 * 0.4, "the rule without the 1e-6 terms would leave this row alone"
