@@ -476,8 +476,8 @@ class Handle:
     def _gather_input(self, key: str, value: Any, pos: torch.Tensor, renumber: bool = False) -> Any:
         """One layer input for the kept prompt positions ``pos`` (B, n). With ``renumber`` (prefill) the
         kept tokens take the positions of a prompt of n tokens, i.e. the first n of the whole sequence's
-        (front padding is never dropped, so those are the positions the shortened prompt would get), and
-        the mask is the causal, padded mask of the layer's own order."""
+        (padding is never dropped and stays at the ends of its row, so those are the positions the
+        shortened prompt would get), and the mask is the causal, padded mask of the layer's own order."""
         ctx = self.ctx
         bsz, n = pos.shape
         if key == "position_embeddings":
