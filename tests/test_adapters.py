@@ -139,3 +139,33 @@ def test_multi_image_rows(family):
         covered = torch.cat([g.positions().flatten() for g in row_grids]).tolist()
         assert len(set(covered)) == len(covered)
         assert set(covered) <= set(adapter.image_positions(inputs["input_ids"])[r].tolist())
+
+
+def test_rotary_embeddings_are_what_each_layer_receives(tiny, family):
+    """For 1-D RoPE families, adapter.rotary_embeddings(layer, ...) gives back the (cos, sin) each decoder
+    layer receives (what pruning's positions="official" recomputes at shifted positions); Gemma3's
+    sliding and full-attention layers differ."""
+    model, inputs = tiny
+    adapter = get_adapter(model)
+    if not adapter.positions_1d:
+        assert family.startswith("qwen")
+        return
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((hidden, kwargs["position_ids"], kwargs["position_embeddings"]))
+
+    hooks = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in adapter.decoder_layers()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == adapter.num_layers
+    for layer, (hidden, ids, (cos, sin)) in enumerate(seen):
+        got_cos, got_sin = adapter.rotary_embeddings(layer, hidden, ids)
+        assert torch.equal(got_cos, cos) and torch.equal(got_sin, sin), f"layer {layer}"
+        shifted = adapter.rotary_embeddings(layer, hidden, ids + 3)[0]
+        assert not torch.equal(shifted, cos)

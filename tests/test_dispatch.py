@@ -255,7 +255,7 @@ def test_act_column_path_equals_plain_path(batch, groups, past, q_len, pad, caus
     q, k, v, mask, module, ctx = _problem(batch, 2, groups, past, q_len, pad, causal, seed)
     outs, sinks = [], []
     for plain in (True, False):
-        act = ACT(beta=0.3, threshold=0.15, start_layer=0)
+        act = ACT(beta=0.3, threshold=0.15, start_layer=0, skip_last=0)
         act.attach(SimpleNamespace(adapter=SimpleNamespace(num_layers=1, num_heads=2 * groups)))
         c = ctx()
         outs.append(_attend([act], q, k, v, mask, module, c, plain=plain, chunk=chunk))

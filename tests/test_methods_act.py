@@ -67,16 +67,85 @@ def test_calibration_by_hand():
     torch.testing.assert_close(out[0, 1, 0], row)
 
 
-@pytest.mark.parametrize("family", ["llava", "internvl"])
-def test_only_chosen_heads_and_layers_change(family):
+ALL_HEADS = [0, 1, 2, 3]
+
+
+# one head, 4 causal rows: column means 1.3/4 = 0.325 (first token), 1.7/3, 0.8/2, 0.2
+SPARE_HEAD = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.1, 0.9, 0.0, 0.0],
+        [0.1, 0.5, 0.4, 0.0],
+        [0.1, 0.3, 0.4, 0.2],
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "spare,expected",
+    [
+        # attnkit: the first token is spared; columns 1 and 2 (means 0.567 and 0.4 > 0.35) are sinks
+        ("first_token", [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.55, 0.45, 0.0, 0.0],  # sink mass 0.9 -> 0.45; the rest (0.1) takes 0.55
+            [0.55, 0.25, 0.2, 0.0],
+            [0.1 * 0.65 / 0.3, 0.15, 0.2, 0.2 * 0.65 / 0.3],  # sinks 0.7 -> 0.35; the rest 0.3 takes 0.65
+        ]),
+        # official indices[1:]: the first column above the threshold (column 1, the first token's column
+        # 0 being below it) is spared, so only column 2 is calibrated
+        ("first_sink", [
+            [1.0, 0.0, 0.0, 0.0],
+            [0.1, 0.9, 0.0, 0.0],
+            [0.1 * 0.8 / 0.6, 0.5 * 0.8 / 0.6, 0.2, 0.0],  # sink 0.4 -> 0.2; the rest 0.6 takes 0.8
+            [0.1 * 0.8 / 0.6, 0.3 * 0.8 / 0.6, 0.2, 0.2 * 0.8 / 0.6],
+        ]),
+    ],
+)
+def test_spared_column_by_hand(spare, expected):
+    """The two rules differ when the first token's column is below the threshold (a hidden sink after it)."""
+    act = _attached(beta=0.5, threshold=0.35, heads={0: [0, 1]}, spare=spare)
+    ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=4, past_len=0)
+    ctx.attention_mask = torch.ones(1, 4, dtype=torch.bool)
+    # head 1: the first token's column is a sink (mean 0.7): spared by both rules, column 1 (0.4) calibrated
+    head1 = torch.tensor([[1.0, 0, 0, 0], [0.6, 0.4, 0, 0], [0.6, 0.4, 0.0, 0], [0.6, 0.4, 0.0, 0.0]])
+    probs = torch.stack([SPARE_HEAD, head1])[None]
+    ctx.query_rows = torch.arange(4)
+    ctx.visible = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    act.collect(ctx, 0, probs)
+    out = act.probs(ctx, 0, probs.clone())
+    torch.testing.assert_close(out[0, 0], torch.tensor(expected))
+    head1_expected = torch.tensor([[1.0, 0, 0, 0], [0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0]])
+    torch.testing.assert_close(out[0, 1], head1_expected)
+    # the column path declares the same sinks (the union over heads is columns 1 and 2 under both rules)
+    assert act.sparse_columns(ctx, 0).tolist() == [1, 2]
+    assert act._sinks(ctx.store[act._key][0], 4)[0].tolist() == (
+        [[False, True, True, False], [False, True, False, False]]
+        if spare == "first_token"
+        else [[False, False, True, False], [False, True, False, False]]
+    )
+
+
+@pytest.mark.parametrize(
+    "family,spec,heads",
+    [
+        ("llava", dict(heads={1: [0, 3], 2: [1]}), {1: [0, 3], 2: [1]}),
+        ("internvl", dict(heads={1: [0, 3], 2: [1]}), {1: [0, 3], 2: [1]}),
+        # the default range stops before the last layer (official range(2, 31) of 32 layers): 1..2 of 4
+        ("llava", dict(start_layer=1), {1: ALL_HEADS, 2: ALL_HEADS}),
+        ("llava", dict(start_layer=1, skip_last=0), {1: ALL_HEADS, 2: ALL_HEADS, 3: ALL_HEADS}),
+    ],
+    ids=["heads-llava", "heads-internvl", "range", "range-last-layer"],
+)
+def test_only_chosen_heads_and_layers_change(family, spec, heads):
     model, inputs = deep(family)
     beta, threshold = 0.3, 0.08
-    heads = {1: [0, 3], 2: [1]}
     rec = Recorder()
-    with attnkit.wrap(model, [rec, ACT(beta=beta, threshold=threshold, heads=heads)]) as h, torch.no_grad():
+    with attnkit.wrap(model, [rec, ACT(beta=beta, threshold=threshold, **spec)]) as h, torch.no_grad():
         model(**inputs)
         real = h.ctx.attention_mask
+        assert h.methods[1].layers(h.ctx) == set(heads)
     changed = 0
+    changed_last = 0
     for layer in range(4):
         pre, post = Recorder.assemble(rec.pre, layer), Recorder.assemble(rec.post, layer)
         live = post.sum(-1) > 0
@@ -99,11 +168,13 @@ def test_only_chosen_heads_and_layers_change(family):
                         torch.testing.assert_close(new, row)
                         continue
                     changed += 1
+                    changed_last += layer == 3
                     torch.testing.assert_close(new[sink], beta * row[sink])
                     rest = ~sink & (row > 0)
                     gain = new[rest] / row[rest]
                     torch.testing.assert_close(gain, gain[:1].expand_as(gain))
     assert changed > 20, "the fixture must calibrate some rows"
+    assert (changed_last > 0) == (3 in heads), "the last layer changes only when it is in the range"
 
 
 class History(Recorder):
@@ -123,7 +194,7 @@ def test_decode_steps_use_running_means(family):
     model, inputs = deep(family)
     beta, threshold = 0.3, 0.06
     rec = History()
-    with attnkit.wrap(model, [rec, ACT(beta=beta, threshold=threshold, start_layer=1)]) as h, torch.no_grad():
+    with attnkit.wrap(model, [rec, ACT(beta=beta, threshold=threshold, start_layer=1, skip_last=0)]) as h, torch.no_grad():
         model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         real = h.ctx.attention_mask
     assert len(rec.forwards) == 4
@@ -191,7 +262,7 @@ def test_column_path_equals_plain_path(family, monkeypatch):
     taken = []
     column_path = dispatch._column_path
     monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(1) or column_path(*a, **kw))
-    spec = dict(beta=0.3, threshold=0.05, start_layer=0)
+    spec = dict(beta=0.3, threshold=0.05, start_layer=0, skip_last=0)
     with attnkit.wrap(model, ACT(**spec)):
         column = logits(model, inputs)
         column_tokens = greedy(model, inputs, n=4)
@@ -225,7 +296,7 @@ def test_column_path_redoes_rows_with_a_large_factor(monkeypatch):
     """Rows whose factor exceeds COLUMN_MAX_FACTOR are computed again from full rows: with the bound at 0
     every row is, and the result is the plain path's."""
     model, inputs = deep("qwen2_vl")
-    spec = dict(beta=0.3, threshold=0.05, start_layer=0)
+    spec = dict(beta=0.3, threshold=0.05, start_layer=0, skip_last=0)
     redone = []
     plain_rows = dispatch._plain_rows
     monkeypatch.setattr(dispatch, "_plain_rows", lambda *a, **kw: redone.append(a[8].numel()) or plain_rows(*a, **kw))

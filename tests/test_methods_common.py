@@ -226,6 +226,8 @@ def test_var_and_pai_compose():
         ("act", dict(heads=[1, 2]), r"act: heads must be a dict"),
         ("act", dict(heads={2: [0, "x"]}), r"act: heads\[2\]='x' must be an integer"),
         ("act", dict(heads={-1: [0]}), r"act: heads layer=-1 is out of range \[0, inf\]"),
+        ("act", dict(skip_last=-1), r"act: skip_last=-1 is out of range \[0, inf\]"),
+        ("act", dict(spare="first"), r"act: spare='first' must be one of first_token, first_sink"),
     ],
 )
 def test_argument_errors(name, kwargs, pattern):
@@ -241,7 +243,8 @@ def test_argument_errors(name, kwargs, pattern):
         ("var", dict(start_layer=0, sink_dims=[40]), r"var: sink_dims entry 40 is out of range \[0, 31\]"),
         ("pai", dict(), r"pai: start_layer=2 is out of range \[0, 1\] for this 2-layer model"),
         ("pai", dict(start_layer=0, end_layer=3), r"pai: end_layer=3 is out of range \[1, 2\]"),
-        ("act", dict(), r"act: start_layer=2 is out of range \[0, 1\]"),
+        ("act", dict(), r"act: start_layer=2, skip_last=1 leave no layer of this 2-layer model"),
+        ("act", dict(start_layer=1), r"act: start_layer=1, skip_last=1 leave no layer of this 2-layer model"),
         ("act", dict(heads={1: [4]}), r"act: heads\[1\] entry 4 is out of range \[0, 3\]"),
         ("act", dict(heads={2: [0]}), r"act: heads layer 2 is out of range \[0, 1\]"),
     ],
@@ -258,7 +261,9 @@ def test_registry_and_defaults():
     assert {"var", "pai", "act"} <= set(attnkit.list_methods())
     assert VAR().config.to_dict() == dict(p=0.6, tau=20.0, rho=0.5, summ=0.2, start_layer=2, skip_last=1, sink_dims=None)
     assert PAI().config.to_dict() == dict(alpha=0.2, start_layer=2, end_layer=None, cfg_gamma=None)
-    assert ACT().config.to_dict() == dict(beta=0.4, threshold=0.1, start_layer=2, heads=None)
+    assert ACT().config.to_dict() == dict(
+        beta=0.4, threshold=0.1, start_layer=2, skip_last=1, heads=None, spare="first_token"
+    )
     assert isinstance(attnkit.make_method(attnkit.methods.PAIConfig(alpha=0.3)), PAI)
     for cls in (VAR, PAI, ACT):
         assert "Defaults" in cls.__doc__ and ("ICLR" in cls.__doc__ or "ECCV" in cls.__doc__ or "ICML" in cls.__doc__)

@@ -14,6 +14,7 @@ from attnkit.methods import PAI, FastV, Method, PyramidDrop
 from attnkit.methods.pruning import LayerShape, flops_ratio
 from attnkit.models import get_adapter
 
+from . import lm_by_hand
 from .conftest import extend_inputs, greedy, logits
 
 FAMILIES = ["llava", "qwen2_vl", "internvl", "idefics3"]
@@ -27,7 +28,8 @@ def _deep(family: str):
 def _spec(kind: str, mode: str = "drop", **kw):
     if kind == "fastv":
         return FastV(k=kw.get("k", 2), r=kw.get("r", 0.5), mode=mode)
-    return PyramidDrop(layers=kw.get("layers", (8, 16, 24)), ratio=kw.get("ratio", 0.5), mode=mode)
+    positions = "official" if kind == "pdrop-official" else "original"
+    return PyramidDrop(layers=kw.get("layers", (8, 16, 24)), ratio=kw.get("ratio", 0.5), mode=mode, positions=positions)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -107,8 +109,11 @@ def test_cached_generate_equals_full_recomputation(family, kind):
     assert torch.equal(masked, out)
 
 
-@pytest.mark.parametrize("family,kind", [("llava", "pdrop"), ("qwen2_vl", "fastv"), ("idefics3", "fastv")])
+@pytest.mark.parametrize(
+    "family,kind", [("llava", "pdrop"), ("qwen2_vl", "fastv"), ("idefics3", "fastv"), ("idefics3", "pdrop-official")]
+)
 def test_batch_equals_rows_alone(family, kind):
+    """pdrop-official: renumbered positions in a left-padded batch."""
     model, _ = _deep(family)
     prompts = ["Is there a dog in the image?", "Please describe this image in detail and answer yes or no."]
     images = testing.sample_images(2)
@@ -183,7 +188,8 @@ def test_pdrop_layer_scaling_and_errors():
     with pytest.raises(errors.MethodArgumentError, match="out of range"):
         attnkit.wrap(model, PyramidDrop(layers=(2,)))  # scales to 0
     for bad, match in [({"layers": (16, 8)}, "strictly increasing"), ({"ratio": 0.0}, "ratio"), ({"mode": "cut"}, "mode"),
-                       ({"layers": "8"}, "list of layer")]:
+                       ({"layers": "8"}, "list of layer"), ({"positions": 1}, "positions=1 must be one of original"),
+                       ({"positions": "official", "mode": "mask"}, "positions='official' .* needs mode='drop'")]:
         with pytest.raises(errors.MethodArgumentError, match=match):
             PyramidDrop(**bad)
     for bad, match in [({"k": 0}, "k=0"), ({"r": 1.5}, "r=1.5"), ({"mode": None}, "mode")]:
@@ -198,6 +204,8 @@ def test_pdrop_layer_scaling_and_errors():
     with pytest.raises(errors.MethodArgumentError, match="adds image features to the hidden states up to layer 1"):
         attnkit.wrap(qwen3, FastV(k=1, mode="drop"))
     attnkit.wrap(qwen3, FastV(k=1, mode="mask")).remove()  # mask mode has no such limit
+    with pytest.raises(errors.UnsupportedModelError, match="qwen3_vl has 3-D mRoPE positions"):
+        attnkit.wrap(qwen3, PyramidDrop(layers=(24,), positions="official"))
 
 
 def test_report_counts_tokens_and_flops():
@@ -242,3 +250,46 @@ def test_composes_with_pai(kind):
     first_stage = drops[0][0]
     assert all(img == n_img for layer, (img, _) in prefill.items() if layer < first_stage)  # before any drop: all
     assert not torch.allclose(both[:, -1], alone[:, -1]) and not torch.allclose(both[:, -1], pai_only[:, -1])
+
+
+# -- positions="official": the official layout, against the language model run by hand ----------------
+def _pdrop_by_hand(model, inputs, renumber: bool, new: torch.Tensor, stages=(1, 2, 3), ratio=0.5):
+    """PyramidDrop written out by hand on one unpadded row followed by the generated tokens ``new``: before
+    stage layer s, the last prompt token's head-mean attention at that layer (its own q/k at the
+    positions the layer has) ranks the image tokens present; the top int(n * ratio^(s+1)) stay, in order.
+    Returns the logits of every row left and the prompt positions kept before each stage layer."""
+    prompt = inputs["input_ids"][0]
+    image = prompt == model.config.image_token_id
+    n_img, s_len = int(image.sum()), prompt.numel()
+    hidden = torch.cat([lm_by_hand.prompt_embeddings(model, inputs), lm_by_hand.token_embeddings(model, new)])
+    kept = {}
+
+    def before(i, h, ids, prev):
+        if i not in stages:
+            return h, ids
+        positions = torch.arange(len(ids)) if renumber else torch.tensor(ids)
+        att = lm_by_hand.layer_probs(model, i, h, positions)[:, ids.index(s_len - 1)].mean(0)
+        live = [j for j, t in enumerate(ids) if t < s_len and image[t]]
+        n_keep = int(n_img * ratio ** (stages.index(i) + 1))
+        top = {live[k] for k in att[live].topk(n_keep).indices.tolist()}
+        rows = [j for j in range(len(ids)) if j not in live or j in top]
+        kept[i] = [ids[j] for j in rows if ids[j] < s_len]
+        return h[rows], [ids[j] for j in rows]
+
+    out, _ = lm_by_hand.run(model, hidden, list(range(s_len + new.numel())), before, renumber)
+    return out, kept
+
+
+def test_pdrop_official_positions_against_the_model_run_by_hand():
+    """positions="official" renumbers the kept tokens 0..n-1 after each drop and places each decode step at
+    the layer's own length: the cached generate gives, at every step, the logits of the model run layer by
+    layer on the whole sequence written out that way (a full recomputation); the default keeps the
+    original positions (also checked by hand), and the two differ."""
+    model, _ = _deep("llava")
+    inputs = testing.tiny_inputs("llava", prompts=["Please describe this image in detail."], images=testing.sample_images(1))
+    s_len = inputs["input_ids"].shape[1]
+    plain, _ = lm_by_hand.run(model, lm_by_hand.prompt_embeddings(model, inputs), list(range(s_len)),
+                              lambda i, h, ids, prev: (h, ids), renumber=False)
+    torch.testing.assert_close(plain[-1], logits(model, inputs)[0, -1], atol=1e-5, rtol=0)  # the helper is sound
+    last = lm_by_hand.check_both_layouts(model, inputs, lambda positions: PyramidDrop(positions=positions), _pdrop_by_hand)
+    assert (last["official"] - last["original"]).abs().max() > 1e-2

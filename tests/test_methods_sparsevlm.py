@@ -22,6 +22,7 @@ from attnkit.methods.sparsevlm import (
 )
 from attnkit.models import get_adapter
 
+from . import lm_by_hand
 from .conftest import PADDED_PROMPTS, check_batch_equals_rows, extend_inputs
 
 
@@ -104,11 +105,16 @@ def test_cached_generate_equals_full_recomputation(family):
             assert torch.equal(full[:, -1].argmax(-1), new[:, t]), f"step {t}"
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("mode", ["drop", "mask"])
-def test_batch_equals_rows_alone(family, mode):
+@pytest.mark.parametrize(
+    "family,spec",
+    [("llava", {}), ("llava", {"mode": "mask"}), ("qwen2_vl", {}), ("qwen2_vl", {"mode": "mask"}),
+     ("llava", {"positions": "official"}), ("internvl", {"positions": "official"})],
+    ids=["llava-drop", "llava-mask", "qwen2_vl-drop", "qwen2_vl-mask", "llava-official", "internvl-official"],
+)
+def test_batch_equals_rows_alone(family, spec):
+    """With positions="official" the padded row's layer masks are causal in the official order."""
     model, _ = _deep(family)
-    check_batch_equals_rows(model, family, SparseVLM(budget=192, mode=mode))
+    check_batch_equals_rows(model, family, SparseVLM(budget=192, **spec))
 
 
 # -- the schedule ----------------------------------------------------------------------------------
@@ -209,27 +215,6 @@ def test_dpc_knn_clusters_by_hand():
     assert centers.tolist() == [0] and assign.tolist() == [0, 0, 0]
 
 
-def _layer0_attention(model, hidden0: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, S) LLaMA layer-0 attention probabilities computed here from the embeddings
-    (RMSNorm, q/k projections, RoPE at positions 0..S-1, GQA, causal softmax), without attnkit."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    lm = model.get_decoder()
-    layer = lm.layers[0]
-    bsz, seq, _ = hidden0.shape
-    attn = layer.self_attn
-    hd = attn.head_dim
-    x = layer.input_layernorm(hidden0)
-    q = attn.q_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(bsz, seq, -1, hd).transpose(1, 2)
-    cos, sin = lm.rotary_emb(hidden0, torch.arange(seq)[None])
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-1, -2)) * hd**-0.5
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
-
 @pytest.mark.parametrize("recycle", [False, True])
 def test_raters_ranking_and_recycling_by_hand(recycle):
     model, _ = _deep("llava")
@@ -239,7 +224,7 @@ def test_raters_ranking_and_recycling_by_hand(recycle):
     with torch.no_grad():
         ref = model(**inputs, output_hidden_states=True)
         h0, h1 = ref.hidden_states[0], ref.hidden_states[1]
-        probs = _layer0_attention(model, h0)
+        probs = lm_by_hand.layer_probs(model, 0, h0[0], torch.arange(h0.shape[1]))[None]
     # raters: text tokens after the image, relevance > mean, from the embeddings
     img_pos = image.nonzero().flatten()
     text_pos = torch.arange(int(img_pos[-1]) + 1, image.numel())
@@ -358,12 +343,21 @@ def test_composes_with_pai(family):
         ({"recycle": "yes"}, "recycle='yes' must be True or False"),
         ({"mode": "prune"}, "mode='prune' must be one of drop, mask"),
         ({"ratio": 0.5}, "unknown argument 'ratio'"),
+        ({"positions": "renumbered"}, "positions='renumbered' must be one of original, official"),
+        ({"positions": "official", "mode": "mask"}, "positions='official' renumbers the tokens a drop keeps; it needs mode='drop'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(errors.MethodArgumentError, match=match) as info:
         SparseVLM(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_official_positions_need_1d_rotary_positions():
+    model, inputs = _deep("qwen2_vl")
+    with pytest.raises(errors.UnsupportedModelError, match="qwen2_vl has 3-D mRoPE positions; use positions='original'"):
+        attnkit.wrap(model, SparseVLM(positions="official"))
+    assert not model._forward_pre_hooks, "a failed wrap leaves the model alone"
 
 
 def test_layers_that_do_not_fit_the_model():
@@ -396,3 +390,69 @@ def test_mask_mode_with_pai_cfg_rows():
     with pytest.raises(errors.MethodArgumentError, match="cannot run with a method that adds image-free"):
         with torch.no_grad(), attnkit.wrap(model, [SparseVLM(), PAI(cfg_gamma=1.1)]):
             model(**inputs)
+
+
+# -- positions="official": the official layout, against the language model run by hand ----------------
+def _sparsevlm_by_hand(model, inputs, renumber: bool, new: torch.Tensor, budget=192, stages=(0, 1, 2)):
+    """SparseVLM written out by hand on one unpadded row followed by the generated tokens ``new`` (a fixture
+    where every stage recycles into one cluster, whose centre is its most relevant member): raters from the
+    embeddings; after stage layer L, the raters' head-mean attention at L (its own q/k at the positions it
+    has) ranks the image tokens present, the top ceil(count * n / 576) stay and the int(0.3 d) + 1 best of
+    the d dropped are merged into their mean. Official layout (``renumber``): kept image tokens, then the
+    merged token, positions 0..n-1; else every token at its own position, the merged one at its centre's.
+    Returns the logits of every row left and the prompt positions held after each stage, in order."""
+    prompt = inputs["input_ids"][0]
+    image = prompt == model.config.image_token_id
+    n_img, s_len = int(image.sum()), prompt.numel()
+    h0 = lm_by_hand.prompt_embeddings(model, inputs)
+    img_pos = image.nonzero().flatten()
+    text_pos = torch.arange(int(img_pos[-1]) + 1, s_len)
+    rel_t = (h0[img_pos] @ h0[text_pos].T).softmax(1).mean(0)
+    raters = set(text_pos[rel_t > rel_t.mean()].tolist())
+    hidden = torch.cat([h0, lm_by_hand.token_embeddings(model, new)])
+    kept = {}
+
+    def before(i, h, ids, prev):
+        if i - 1 not in stages:
+            return h, ids
+        h_in, positions = prev
+        probs = lm_by_hand.layer_probs(model, i - 1, h_in, positions).mean(0)  # head mean
+        rows = [j for j, t in enumerate(ids) if t in raters]
+        live = [j for j, t in enumerate(ids) if t < s_len and image[t]]
+        rel = probs[rows][:, live].mean(0)
+        count = min(math.ceil(SCHEDULES[budget][stages.index(i - 1)] * n_img / 576), len(live))
+        order = [live[k] for k in rel.argsort(descending=True).tolist()]
+        top, dropped = set(order[:count]), order[count:]
+        members = dropped[: int(len(dropped) * 0.3) + 1]
+        assert len(members) // 10 + 1 == 1, "the fixture must merge into one cluster per stage"
+        merged = h[members].mean(0, keepdim=True)
+        if renumber:
+            last_img = max(j for j in top)
+            seq = [j for j in range(len(ids)) if j <= last_img and (j not in live or j in top)]
+            tail = [j for j in range(len(ids)) if j > last_img and j not in live]
+            out_h = torch.cat([h[seq], merged, h[tail]])
+            out_ids = [ids[j] for j in seq] + [ids[members[0]]] + [ids[j] for j in tail]
+        else:
+            seq = [j for j in range(len(ids)) if j not in live or j in top or j == members[0]]
+            out_h = h[seq].clone()
+            out_h[seq.index(members[0])] = merged[0]
+            out_ids = [ids[j] for j in seq]
+        kept[i] = [t for t in out_ids if t < s_len]
+        return out_h, out_ids
+
+    out, _ = lm_by_hand.run(model, hidden, list(range(s_len + new.numel())), before, renumber)
+    return out, kept
+
+
+def test_official_positions_against_the_model_run_by_hand():
+    """positions="official" lays the sequence out as the official code after each stage (kept image tokens,
+    the merged token, then the text; positions 0..n-1; decode steps at each layer's own length): the cached
+    generate gives, at every step, the logits of the model run layer by layer on the whole sequence written
+    out that way (a full recomputation). The default layout (original positions, merged token at its
+    centre's) is checked the same way, and the two differ."""
+    model, _ = _deep("llava")
+    inputs = testing.tiny_inputs("llava", prompts=[PADDED_PROMPTS[1]], images=testing.sample_images(1))
+    last = lm_by_hand.check_both_layouts(
+        model, inputs, lambda positions: SparseVLM(budget=192, positions=positions), _sparsevlm_by_hand
+    )
+    assert (last["official"] - last["original"]).abs().max() > 1e-2

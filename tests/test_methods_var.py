@@ -25,8 +25,9 @@ def _fake_handle(layers=4, hidden=8, **text):
     return SimpleNamespace(adapter=SimpleNamespace(num_layers=layers, text_config=text_config), ctx=ctx)
 
 
-def test_redistribution_by_hand():
-    """Tokens: 0 BOS (text sink), 1-4 image (2 a visual sink), 5 text. Row 5 is the query."""
+def _six_tokens():
+    """VAR (p=0.6, rho=0.5, summ=0.2) attached to a fake 4-layer model at the prefill of 6 tokens: 0 BOS and
+    2 (an image token) are sinks at layer 1, 1-4 image tokens, 5 text. Returns (var, ctx)."""
     var = VAR(p=0.6, tau=2.0, rho=0.5, summ=0.2, start_layer=1, skip_last=1, sink_dims=[3])
     handle = _fake_handle()
     var.attach(handle)
@@ -39,6 +40,12 @@ def test_redistribution_by_hand():
     hidden[0, [0, 2], 3] = 50.0  # |RMSNorm| = 50 / sqrt((7 + 2500) / 8) = 2.82 > tau; others 1
     var.select(ctx, 1, hidden)
     assert var.sink_report()["sinks"] == {1: [[0, 2]]}
+    return var, ctx
+
+
+def test_redistribution_by_hand():
+    """Tokens: 0 BOS (text sink), 1-4 image (2 a visual sink), 5 text. Row 5 is the query."""
+    var, ctx = _six_tokens()
     assert var.rows(ctx, 1).tolist() == [5], "only the text after the image is a query row at prefill"
 
     probs = torch.tensor(
@@ -65,6 +72,25 @@ def test_redistribution_by_hand():
     var.select(ctx, 2, only_text)
     assert var.sink_report()["sinks"][2] == [[0]]
     torch.testing.assert_close(var.probs(ctx, 2, probs.clone()), probs)
+
+
+def test_visual_sink_share_takes_the_official_denominator():
+    """The share is vis / sum(image attention + 1e-6): with 4 image tokens a row whose visual sink has
+    0.2000015 of image attention 0.4 (vis / img = 0.50000375 > rho) is chosen, as in the official code,
+    since 0.2000015 / (0.4 + 4e-6) = 0.49999875 <= 0.5; 0.2000025 (share 0.50000125) is not."""
+    var, ctx = _six_tokens()
+    inside = [0.5, 0.1, 0.2000015, 0.05, 0.0499985, 0.1]
+    beyond = [0.5, 0.1, 0.2000025, 0.05, 0.0499975, 0.1]
+    assert 0.2000015 > 0.5 * 0.4, "the rule without the 1e-6 terms would leave this row alone"
+    probs = torch.tensor([inside, beyond], dtype=torch.float32)[None, :, None, :]
+    ctx.query_rows = torch.tensor([5])
+    out = var.probs(ctx, 1, probs.clone())
+    freed = 0.4 * (0.5 + 0.2000015)  # sinks keep p = 0.6 of theirs
+    rest = 0.1 + 0.05 + 0.0499985  # the non-sink image tokens, in proportion
+    expected = torch.tensor([0.3, 0.1 + freed * 0.1 / rest, 0.6 * 0.2000015, 0.05 + freed * 0.05 / rest,
+                             0.0499985 + freed * 0.0499985 / rest, 0.1])
+    torch.testing.assert_close(out[0, 0, 0], expected, atol=1e-7, rtol=0)
+    assert torch.equal(out[0, 1, 0], probs[0, 1, 0])
 
 
 def test_sink_dims_sources():
@@ -133,8 +159,9 @@ def test_model_without_sinks_is_unchanged(family):
     assert (planted_got[keep] - planted_ref[keep]).abs().max() > 1e-3
 
 
-def _check_pairs(rec, var, ctx_image, eligible, layers_on, cfg):
-    """Every layer: pre == post outside the chosen pairs; chosen pairs follow the rule; rows sum to 1."""
+def _check_pairs(rec, var, ctx_image, eligible, layers_on, cfg, by_layer=None):
+    """Every layer: pre == post outside the chosen pairs; chosen pairs follow the rule; rows sum to 1.
+    ``by_layer`` (a dict) receives the number of changed pairs per layer."""
     changed_pairs = unchanged_eligible = 0
     for layer in range(4):
         pre, post = Recorder.assemble(rec.pre, layer), Recorder.assemble(rec.post, layer)
@@ -155,15 +182,18 @@ def _check_pairs(rec, var, ctx_image, eligible, layers_on, cfg):
                     row, new = pre[b, hd, q], post[b, hd, q]
                     img = float(row[image[b]].sum())
                     vis = float(row[image[b] & sink[b]].sum())
+                    share = vis / (img + 1e-6 * int(image[b].sum()))  # official: vis / sum(img + 1e-6)
                     chosen = (
                         bool(eligible[b, q]) and bool((image[b] & sink[b]).any())
-                        and img >= cfg["summ"] and vis / img <= cfg["rho"]
+                        and img >= cfg["summ"] and share <= cfg["rho"]
                     )
                     if not chosen:
                         assert torch.equal(row, new), (layer, b, hd, q)
                         unchanged_eligible += bool(eligible[b, q])
                         continue
                     changed_pairs += 1
+                    if by_layer is not None:
+                        by_layer[layer] = by_layer.get(layer, 0) + 1
                     torch.testing.assert_close(new[sink[b]], cfg["p"] * row[sink[b]])
                     other = ~image[b] & ~sink[b]
                     torch.testing.assert_close(new[other], row[other])
@@ -172,14 +202,18 @@ def _check_pairs(rec, var, ctx_image, eligible, layers_on, cfg):
     return changed_pairs, unchanged_eligible
 
 
-@pytest.mark.parametrize("family", ["llava", "internvl"])
-def test_only_image_centric_pairs_of_chosen_layers_change(family):
+@pytest.mark.parametrize(
+    "family,skip_last", [("llava", 1), ("internvl", 1), ("llava", 0)], ids=["llava", "internvl", "llava-last-layer"]
+)
+def test_only_image_centric_pairs_of_chosen_layers_change(family, skip_last):
+    """skip_last=0 (the released code, which redistributes in the last layer too) changes layer 3 of 4."""
     model, inputs = deep(family)
     cfg = dict(p=0.3, summ=0.15, rho=0.4)
+    layers_on = {1, 2} if skip_last else {1, 2, 3}
     hooks, _ = plant_sinks(model)
     try:
         rec = Recorder()
-        var = VAR(tau=TAU, sink_dims=[SINK_DIM], start_layer=1, skip_last=1, **cfg)
+        var = VAR(tau=TAU, sink_dims=[SINK_DIM], start_layer=1, skip_last=skip_last, **cfg)
         with attnkit.wrap(model, [rec, var]) as h, torch.no_grad():
             model(**inputs)
             ctx = h.ctx
@@ -187,14 +221,16 @@ def test_only_image_centric_pairs_of_chosen_layers_change(family):
             first = image.float().argmax(1)
             pos = torch.arange(ctx.q_len)
             eligible = (pos[None] > first[:, None]) & ~image & ctx.attention_mask
-            changed, unchanged = _check_pairs(rec, var, image, eligible, {1, 2}, cfg)
+            by_layer = {}
+            changed, unchanged = _check_pairs(rec, var, image, eligible, layers_on, cfg, by_layer)
             assert changed > 0 and unchanged > 0, "the fixture must give chosen and rejected pairs"
+            assert (by_layer.get(3, 0) > 0) == (skip_last == 0), "the last layer changes only with skip_last=0"
             # a decode step: the new token is the only query row
             gen = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
             assert gen.shape[1] == inputs["input_ids"].shape[1] + 2
             assert not h.ctx.is_prefill
             eligible = image.any(1)[:, None]
-            changed, _ = _check_pairs(rec, var, image, eligible, {1, 2}, cfg)
+            changed, _ = _check_pairs(rec, var, image, eligible, layers_on, cfg)
             assert changed > 0
     finally:
         for hk in hooks:

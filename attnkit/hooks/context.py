@@ -44,9 +44,14 @@ class ForwardContext:
     #: Token pruning in mask mode: list of (from_layer, keep) with keep (B, S) bool over the prompt's
     #: original positions (tokens generated later are always kept).
     keep: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    #: Token pruning in drop mode: list of (from_layer, positions), positions (B, n) sorted long, the
-    #: original prompt positions still present from that layer on (each entry a subset of the last).
+    #: Token pruning in drop mode: list of (from_layer, positions), positions (B, n) long, the original
+    #: prompt positions still present from that layer on, in the layer's sequence order (each entry a
+    #: subset of the last; sorted unless a method with renumbered positions reorders them, e.g.
+    #: SparseVLM's merged tokens with positions="official").
     drops: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    #: The first layer from which the kept prompt tokens are renumbered 0..n-1 (a drop by a method with
+    #: ``renumbers_positions``), or None: kept tokens keep their original positions.
+    renumber_from: int | None = None
     #: Prompt length of the last prefill (original positions are indices below it).
     prompt_len: int = 0
     #: Image-free rows appended to the batch for a method that asked for them (PAI's CFG step):
@@ -108,6 +113,11 @@ class ForwardContext:
         self.__dict__.pop("_views", None)
         self.__dict__.pop("_padded", None)
         self.__dict__["_view_pos"] = None
+
+    def renumbered(self, layer: int) -> bool:
+        """Whether ``layer`` sees its prompt tokens renumbered 0..n-1 (and decode positions shifted to
+        follow its own length) rather than at their original positions."""
+        return self.renumber_from is not None and self.renumber_from <= layer
 
     def positions_for_layer(self, layer: int) -> torch.Tensor | None:
         """(B, n) original prompt positions present at ``layer`` (drop mode), or None (all of them)."""

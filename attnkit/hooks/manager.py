@@ -27,7 +27,13 @@ import warnings
 
 import torch
 
-from ..errors import AlreadyWrappedError, BypassedError, MethodArgumentError, UnsupportedModelError
+from ..errors import (
+    AlreadyWrappedError,
+    BypassedError,
+    MethodArgumentError,
+    TransformersCompatError,
+    UnsupportedModelError,
+)
 from . import capture, compat, dispatch
 from .compat import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from .branch import TextBranch
@@ -275,6 +281,7 @@ class Handle:
         if ctx.is_prefill:
             ctx.prompt_len = q_len
             ctx.drops = []
+            ctx.renumber_from = None
         ctx.begin()
         self._gathered = {}
         for m in self.methods:
@@ -290,7 +297,10 @@ class Handle:
             pos = ctx.positions_for_layer(layer)
             dropped = False
             if ctx.is_prefill:
-                self._layer = (module, pos, kwargs if pos is None else self._shrink_layer_inputs((), kwargs, None, pos)[1])
+                renumber = ctx.renumbered(layer)
+                self._layer = (
+                    module, pos, kwargs if pos is None else self._shrink_layer_inputs((), kwargs, None, pos, renumber)[1]
+                )
                 try:
                     for m in self.methods:
                         if m.select is None:
@@ -298,12 +308,12 @@ class Handle:
                         keep = m.select(ctx, layer, hidden)
                         if keep is None:
                             continue
-                        keep = keep.to(device=hidden.device, dtype=torch.bool)
                         if m.drops_tokens:
-                            hidden = self._drop(m, layer, hidden, keep)
+                            hidden = self._drop(m, layer, hidden, keep.to(hidden.device))
                             dropped = True
                             self._layer = None
                         else:
+                            keep = keep.to(device=hidden.device, dtype=torch.bool)
                             ctx.keep.append((layer, self._original_keep(layer, keep)))
                 finally:
                     self._layer = None
@@ -311,13 +321,16 @@ class Handle:
             if pos is None:
                 return None
             if not ctx.is_prefill:
-                # a decode step: the new tokens' rows, rotary embeddings and position ids are all kept;
-                # only an attention mask's key columns need the layer's compacted cache
+                # a decode step: the new tokens' rows are all kept; an attention mask's key columns need
+                # the layer's compacted cache, and renumbered layers shift the new tokens' positions
+                out = kwargs
                 mask = kwargs.get("attention_mask")
-                if mask is None:
-                    return None
-                return args, dict(kwargs, attention_mask=self._gathered_input("attention_mask", mask, pos))
-            return self._shrink_layer_inputs(args, kwargs, hidden if dropped else None, pos)
+                if mask is not None:
+                    out = dict(out, attention_mask=self._gathered_input("attention_mask", mask, pos))
+                if ctx.renumbered(layer):
+                    out = self._renumbered_decode(layer, hidden, out, pos)
+                return None if out is kwargs else (args, out)
+            return self._shrink_layer_inputs(args, kwargs, hidden if dropped else None, pos, ctx.renumbered(layer))
 
         return hook
 
@@ -343,7 +356,8 @@ class Handle:
         return full.scatter(1, pos.to(keep.device), keep)
 
     def _drop(self, method: Method, layer: int, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Remove the rows of ``hidden`` that ``keep`` (B, n) leaves out, from ``layer`` on."""
+        """Remove the rows of ``hidden`` that ``keep`` (B, n) bool leaves out, from ``layer`` on; or, for a
+        method that renumbers positions, keep the rows ``keep`` (B, m) long lists, in that order."""
         ctx = self.ctx
         if ctx.branch_rows:
             raise MethodArgumentError(
@@ -360,21 +374,71 @@ class Handle:
         types = getattr(self.adapter.text_config, "layer_types", None) or []
         if window and "sliding_attention" in types[layer:] and ctx.prompt_len >= window:
             raise UnsupportedModelError(self._window_message(method.name, window, ctx.prompt_len))
-        keep = keep[:, : hidden.shape[1]]
-        counts = keep.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise MethodArgumentError(
-                f"{method.name}: rows keep different numbers of tokens ({counts.tolist()}) at layer {layer}; "
-                "drop mode needs equal counts so the batch stays rectangular"
-            )
-        bsz, n = keep.shape[0], int(counts[0])
-        local = keep.nonzero()[:, 1].view(bsz, n)
+        if keep.dtype == torch.bool:
+            keep = keep[:, : hidden.shape[1]]
+            counts = keep.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise MethodArgumentError(
+                    f"{method.name}: rows keep different numbers of tokens ({counts.tolist()}) at layer {layer}; "
+                    "drop mode needs equal counts so the batch stays rectangular"
+                )
+            bsz, n = keep.shape[0], int(counts[0])
+            local = keep.nonzero()[:, 1].view(bsz, n)
+        else:
+            local = self._check_order(method, layer, keep, hidden.shape[:2])
+            bsz = local.shape[0]
         cur = ctx.positions_for_layer(layer)
         if cur is None:
             cur = torch.arange(ctx.prompt_len, device=local.device).expand(bsz, -1)
+        if method.renumbers_positions and ctx.renumber_from is None:
+            ctx.renumber_from = layer
         ctx.drops.append((layer, cur.to(local.device).gather(1, local)))
         ctx.enter_layer(layer)
         return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    @staticmethod
+    def _check_order(method: Method, layer: int, order: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """A ``select`` result given as (B, m) row indices: only for methods that renumber positions."""
+        bsz, q = shape
+        if not method.renumbers_positions:
+            raise MethodArgumentError(
+                f"{method.name}: select() returned row indices at layer {layer}; only a method with "
+                "renumbers_positions may reorder the kept tokens (return a bool keep mask)"
+            )
+        order = order.long()
+        ok = order.dim() == 2 and order.shape[0] == bsz and bool(((order >= 0) & (order < q)).all())
+        if ok and order.shape[1] > 1:
+            ok = bool((order.sort(1).values.diff(dim=1) > 0).all())  # distinct rows
+        if not ok:
+            raise MethodArgumentError(
+                f"{method.name}: select() at layer {layer} returned rows of shape {tuple(order.shape)} that are "
+                f"not distinct indices in [0, {q - 1}] per batch row"
+            )
+        return order
+
+    def _renumbered_decode(self, layer: int, hidden: torch.Tensor, kwargs: dict, pos: torch.Tensor) -> dict:
+        """A decode step in a renumbered layer: its prompt holds ``pos.shape[1]`` tokens at 0..n-1, so the new
+        tokens move down by the tokens dropped (each layer's new token follows its own length, as in the
+        official code); position ids and rotary embeddings computed once per forward and drop stage."""
+        ids, emb = kwargs.get("position_ids"), kwargs.get("position_embeddings")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(emb, (tuple, list)) or len(emb) != 2:
+            raise TransformersCompatError(
+                f"{self.adapter.family}: decoder layer {layer} received no 2-D position_ids and (cos, sin) "
+                f"position_embeddings ({compat.where()}); positions='official' cannot renumber its decode steps"
+            )
+        tag = ("renumbered", id(emb[0]), id(pos))
+        hit = self._gathered.get(tag)
+        if hit is None:
+            # the rotary module must give back what the layer received before it is asked for other positions
+            same = self.adapter.rotary_embeddings(layer, hidden, ids)
+            if not all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(same, emb)):
+                raise TransformersCompatError(
+                    f"{self.adapter.family}: the rotary module does not reproduce the position embeddings decoder "
+                    f"layer {layer} received ({compat.where()}); positions='official' cannot renumber"
+                )
+            shifted = ids - (self.ctx.prompt_len - pos.shape[1])
+            hit = self._gathered[tag] = (emb, shifted, tuple(self.adapter.rotary_embeddings(layer, hidden, shifted)))
+        return dict(kwargs, position_ids=hit[1], position_embeddings=hit[2])
 
     def _window_message(self, names: str, window: int, length: int) -> str:
         return (
@@ -383,11 +447,11 @@ class Handle:
         )
 
     def _shrink_layer_inputs(
-        self, args: tuple, kwargs: dict, hidden: torch.Tensor | None, pos: torch.Tensor
+        self, args: tuple, kwargs: dict, hidden: torch.Tensor | None, pos: torch.Tensor, renumber: bool = False
     ) -> tuple[tuple, dict]:
         """The decoder layer's inputs for the kept positions: its hidden states (when this layer
         dropped rows), attention mask, rotary embeddings and position ids, each gathered once per
-        forward and drop stage."""
+        forward and drop stage (``renumber``: positions 0..n-1, see ``_gather_input``)."""
         kwargs = dict(kwargs)
         if hidden is not None:
             if args:
@@ -397,25 +461,38 @@ class Handle:
         for key in ("attention_mask", "position_embeddings", "position_ids"):
             value = kwargs.get(key)
             if value is not None:
-                kwargs[key] = self._gathered_input(key, value, pos)
+                kwargs[key] = self._gathered_input(key, value, pos, renumber)
         return args, kwargs
 
-    def _gathered_input(self, key: str, value: Any, pos: torch.Tensor) -> Any:
+    def _gathered_input(self, key: str, value: Any, pos: torch.Tensor, renumber: bool = False) -> Any:
         """``_gather_input`` once per forward, input tensor and drop stage."""
-        tag = (key, id(value), id(pos))
+        tag = (key, id(value), id(pos), renumber)
         hit = self._gathered.get(tag)
         if hit is None:
-            hit = self._gathered[tag] = (value, self._gather_input(key, value, pos))  # holds value: its id stays its own
+            # holds value: its id stays its own
+            hit = self._gathered[tag] = (value, self._gather_input(key, value, pos, renumber))
         return hit[1]
 
-    def _gather_input(self, key: str, value: Any, pos: torch.Tensor) -> Any:
+    def _gather_input(self, key: str, value: Any, pos: torch.Tensor, renumber: bool = False) -> Any:
+        """One layer input for the kept prompt positions ``pos`` (B, n). With ``renumber`` (prefill) the
+        kept tokens take the positions of a prompt of n tokens, i.e. the first n of the whole sequence's
+        (padding is never dropped and stays at the ends of its row, so those are the positions the
+        shortened prompt would get), and the mask is the causal, padded mask of the layer's own order."""
         ctx = self.ctx
         bsz, n = pos.shape
         if key == "position_embeddings":
-            return tuple(self._gather_input("rotary", v, pos) for v in value)
+            return tuple(self._gather_input("rotary", v, pos, renumber) for v in value)
         if not ctx.is_prefill and key != "attention_mask":
-            return value  # the new tokens are all kept: their rows are unchanged
+            return value  # the new tokens are all kept: their rows are unchanged (see _renumbered_decode)
         pos = pos.to(value.device)
+        if renumber and key == "rotary":
+            return value[..., :n, :]
+        if renumber and key == "position_ids":
+            return value[..., :n]
+        if renumber and ctx.is_prefill:
+            # the layer's order may differ from the original one (SparseVLM's merged tokens): take the mask
+            # between the sorted positions, which is causal in the new order with each row's padding
+            pos = pos.sort(1).values
         if key == "rotary":  # (..., B|1, q, dim): rows along -2
             x = value.expand(*value.shape[:-3], bsz, *value.shape[-2:])
             idx = pos.view(*(1,) * (x.dim() - 3), bsz, n, 1).expand(*x.shape[:-2], n, x.shape[-1])

@@ -17,21 +17,33 @@ from ..hooks.context import ForwardContext
 from .base import Method, MethodConfig, check_int, check_range
 from .registry import register
 
+#: Which column a head never calibrates: the row's first real token (attnkit's rule), or the first
+#: column whose mean attention exceeds the threshold (the official ``indices[1:]``).
+SPARE = ("first_token", "first_sink")
+
 
 @dataclasses.dataclass
 class ACTConfig(MethodConfig):
     """beta: factor on sink attention (1 = off); threshold: smallest mean attention of a sink column;
-    heads: {layer: [head, ...]} to calibrate (None = every head of the layers >= start_layer)."""
+    layers [start_layer, L - skip_last) (skip_last=0 calibrates the last layer too); heads: {layer: [head,
+    ...]} to calibrate (None = every head of those layers); spare: the column never calibrated,
+    "first_token" (the row's first real token) or "first_sink" (the official code's: the first column
+    above the threshold, per head)."""
 
     beta: float = 0.4
     threshold: float = 0.1
     start_layer: int = 2
+    skip_last: int = 1
     heads: dict[int, list[int]] | None = None
+    spare: str = "first_token"
 
     def validate(self) -> None:
         check_range("act", "beta", self.beta, 0.0, 1.0)
         check_range("act", "threshold", self.threshold, 0.0, 1.0)
         check_int("act", "start_layer", self.start_layer, 0, None)
+        check_int("act", "skip_last", self.skip_last, 0, None)
+        if self.spare not in SPARE:
+            raise MethodArgumentError(f"act: spare={self.spare!r} must be one of {', '.join(SPARE)}")
         if self.heads is not None:
             if not isinstance(self.heads, dict):
                 raise MethodArgumentError(f"act: heads must be a dict {{layer: [head, ...]}}, got {type(self.heads).__name__}")
@@ -62,10 +74,20 @@ class ACT(Method):
     it had when it was the new row); the official code, evaluated on whole sequences, takes them over
     the rows of the current forward, which with a KV cache would be the new token's single row.
 
-    Defaults: beta=0.4, threshold=0.1 (the paper's), start_layer=2 and every head of every later layer.
-    The official code calibrates a per-task head list of LLaMA-2-7B layers 2..30 found by a search on
-    a calibration set; pass such a list as ``heads={layer: [head, ...]}`` (then start_layer is unused).
-    Layer indices are absolute, not scaled with depth.
+    Defaults: beta=0.4, threshold=0.1 (the paper's); every head of layers [start_layer, L - skip_last)
+    with start_layer=2, skip_last=1: layers 2..30 of a 32-layer model, the official LLaMA-2 range
+    (``range(2, 31)``), which never calibrates the last layer. Layer indices are absolute, not scaled
+    with depth: a model of depth L gets layers 2..L-2 (the first two and the last one skipped);
+    ``skip_last=0`` includes the last layer (the official Mistral script's ``range(2, 32)``). The
+    official code calibrates a per-task head list found by a search on a calibration set; pass such a
+    list as ``heads={layer: [head, ...]}`` (then start_layer and skip_last are unused).
+
+    Deviation (``spare``): attnkit never calibrates the row's first real token (``spare="first_token"``,
+    the intent: the first token is the ordinary sink ACT keeps). The official code spares instead the
+    first column above the threshold in each head (``indices[1:]``), which is the first token's column
+    only when that column is itself above the threshold; when it is not (e.g. a head whose first token
+    gets little attention and whose sink is a later token), the official code leaves that later,
+    hidden sink uncalibrated and attnkit calibrates it. ``spare="first_sink"`` follows the official rule.
     """
 
     name = "act"
@@ -80,11 +102,12 @@ class ACT(Method):
         n, n_heads = handle.adapter.num_layers, handle.adapter.num_heads
         cfg = self.config
         if cfg.heads is None:
-            if cfg.start_layer >= n:
+            layers = range(cfg.start_layer, n - cfg.skip_last)
+            if not len(layers):
                 raise MethodArgumentError(
-                    f"act: start_layer={cfg.start_layer} is out of range [0, {n - 1}] for this {n}-layer model"
+                    f"act: start_layer={cfg.start_layer}, skip_last={cfg.skip_last} leave no layer of this {n}-layer model"
                 )
-            self._heads = {layer: torch.ones(n_heads, dtype=torch.bool) for layer in range(cfg.start_layer, n)}
+            self._heads = {layer: torch.ones(n_heads, dtype=torch.bool) for layer in layers}
             return
         self._heads = {}
         for layer, heads in cfg.heads.items():
@@ -101,7 +124,8 @@ class ACT(Method):
 
     def _stats(self, ctx: ForwardContext, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
         """This layer's running column sums (B, H, cap) and visible-row counts (B, 1, cap), cap >= kv_len,
-        and which columns may be sinks at all (B, H, cap): the selected heads, never the first token."""
+        and which columns may be sinks at all (B, H, cap): the selected heads, never the first token
+        (with spare="first_token")."""
         store = ctx.store.get(self._key)
         if store is None:
             store = ctx.store[self._key] = {}
@@ -118,11 +142,12 @@ class ACT(Method):
             st["sum"] = torch.nn.functional.pad(st["sum"], (0, grow))
             st["count"] = torch.nn.functional.pad(st["count"], (0, grow))
         allowed = self._heads[layer].to(device)[None, :, None].expand(ctx.batch_size, heads, cap).clone()
-        if ctx.attention_mask is not None:
-            first = ctx.attention_mask.float().argmax(1).to(device)  # the row's first real token
-        else:
-            first = torch.zeros(ctx.batch_size, dtype=torch.long, device=device)
-        allowed[torch.arange(ctx.batch_size, device=device), :, first] = False
+        if self.config.spare == "first_token":  # (first_sink: each head's first sink is spared in _sinks)
+            if ctx.attention_mask is not None:
+                first = ctx.attention_mask.float().argmax(1).to(device)  # the row's first real token
+            else:
+                first = torch.zeros(ctx.batch_size, dtype=torch.long, device=device)
+            allowed[torch.arange(ctx.batch_size, device=device), :, first] = False
         st["allowed"] = allowed
         store[layer] = st
         return st
@@ -147,10 +172,13 @@ class ACT(Method):
         st["count"][..., :width] += counts
 
     def _sinks(self, st: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-        """(B, H, width) bool: the calibrated columns (mean > threshold, selected heads, not the first token)."""
+        """(B, H, width) bool: the calibrated columns (mean > threshold, selected heads, not the spared column)."""
         # mean > threshold, without dividing (a column no row sees has sum 0 and count 0)
         sink = st["sum"][..., :width] > self.config.threshold * st["count"][..., :width]
-        return sink.logical_and_(st["allowed"][..., :width])
+        sink.logical_and_(st["allowed"][..., :width])
+        if self.config.spare == "first_sink":  # the official indices[1:]: each head's first sink stays
+            sink.scatter_(-1, sink.float().argmax(-1, keepdim=True), False)  # (a head without sinks: no-op)
+        return sink
 
     def sparse_columns(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
         """The column rewrite's special columns: every column that is a sink in some row and head."""

@@ -104,7 +104,13 @@ class Method:
       attention mask, rotary embeddings, position ids and the KV cache of the later layers shrink
       (every row must keep the same count). After a drop, the context describes each layer's own
       compacted sequence (``ForwardContext.enter_layer``), so every callback of a later layer sees
-      only the kept tokens.
+      only the kept tokens. Kept tokens keep their original positions, unless the method sets
+      ``renumbers_positions``: then from the drop on they are renumbered 0..n-1 as a prompt of n
+      tokens would be (the attention mask causal in the new order), and at decode steps each such
+      layer's new token takes the position that follows the layer's own length (the official code of
+      PyramidDrop and SparseVLM). Such a method may also return, instead of the bool mask, a (B, n)
+      long tensor of the rows kept in their new order (SparseVLM puts its merged tokens after the
+      kept image tokens).
     - ``logits(ctx, logits) -> logits``: rewrite the model's output logits (decoding-level methods).
 
     ``layers(ctx)`` says which layers need the eager path (None = all); ``rows(ctx, layer)`` which
@@ -121,6 +127,8 @@ class Method:
     text_branch: bool = False
     #: Set when ``select`` removes tokens (drop mode) instead of masking them.
     drops_tokens: bool = False
+    #: Set (with ``drops_tokens``) to renumber the kept tokens' positions after a drop (see ``select``).
+    renumbers_positions: bool = False
 
     scores = None
     collect = None

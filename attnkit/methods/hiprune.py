@@ -124,6 +124,14 @@ class HiPrune(VisionPruner):
     ViT-L/14 (24 layers); see ``OBJECT_LAYER``. For towers of another depth the default is rescaled,
     ``round(9 * depth / 24)`` (at least 1); an explicit ``object_layer`` is used as given and must
     be within the tower. ``self.report`` (a PruneReport) describes the last prompt.
+
+    Deviations (not options): the budget is per image. The official ``encode_images`` divides it by
+    the number of images encoded together, ``int(HIPRUNE_RETENTION / B)`` (for LLaVA-1.5, B images of
+    a batch; for LLaVA-NeXT, the crops of every image of the batch), so a batch of B images gets
+    ``budget / B`` tokens each there; its benchmarks run one image per batch, where the two agree
+    (attnkit splits LLaVA-NeXT's budget over the crops of each image alone). The attention that ranks
+    the tokens is computed in float32, the official code's in the model's precision: in fp32 the two
+    agree, in bf16 near-ties may rank differently.
     """
 
     name = "hiprune"

@@ -15,7 +15,7 @@ import torch
 from ..errors import MethodArgumentError
 from ..hooks.context import ForwardContext
 from .base import MethodConfig, check_int, check_range
-from .pruning import PruningMethod, check_mode, keep_top
+from .pruning import PruningMethod, check_mode, check_positions, keep_top
 from .registry import register
 
 #: The depth the layer indices are given for (LLaMA-2-7B / Vicuna-7B of LLaVA-1.5 and -NeXT).
@@ -25,11 +25,13 @@ REFERENCE_DEPTH = 32
 @dataclasses.dataclass
 class PyramidDropConfig(MethodConfig):
     """layers: the stage boundaries for a 32-layer model (scaled to the model's depth); ratio: fraction of
-    the image tokens each stage keeps; mode: "drop" or "mask"."""
+    the image tokens each stage keeps; mode: "drop" or "mask"; positions: "original" (kept tokens keep
+    their positions) or "official" (renumbered after each drop, as the official code; drop mode)."""
 
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
     mode: str = "drop"
+    positions: str = "original"
 
     def validate(self) -> None:
         if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
@@ -45,6 +47,7 @@ class PyramidDropConfig(MethodConfig):
         if self.ratio <= 0:
             raise MethodArgumentError(f"pdrop: ratio={self.ratio!r} is out of range (0, 1]")
         check_mode("pdrop", self.mode)
+        check_positions("pdrop", self.positions, self.mode)
 
 
 @register
@@ -60,9 +63,13 @@ class PyramidDrop(PruningMethod):
     288, 144 and 72. Layer indices are for 32-layer models; a model of depth L uses round(l * L / 32)
     (e.g. 7, 14, 21 for 28 layers); scaled indices must stay distinct and inside [1, L - 1].
 
-    Deviation: the official code renumbers positions after each drop (contiguous position ids, and
-    decode positions shifted down); attnkit keeps every kept token's original position, as for all
-    pruning methods, so drop mode equals mask mode.
+    Positions (``positions``): by default every kept token keeps its original position, as for all
+    pruning methods, so drop mode equals mask mode. The official code renumbers instead: after each
+    drop the sequence takes contiguous positions 0..n-1, and at a decode step each layer's new token
+    takes the position that follows that layer's own length (its prefill positions shifted down by
+    the tokens dropped before it). ``positions="official"`` (drop mode, 1-D RoPE models) reproduces
+    that layout, the ranking at later stages included (it uses the renumbered positions, as the
+    official code does).
     """
 
     name = "pdrop"

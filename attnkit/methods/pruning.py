@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MethodArgumentError
+from ..errors import MethodArgumentError, UnsupportedModelError
 from .base import Method
 
 
@@ -101,6 +101,18 @@ def check_mode(method: str, mode: Any) -> None:
         raise MethodArgumentError(f"{method}: mode={mode!r} must be one of {', '.join(MODES)}")
 
 
+#: Positions of the tokens a drop keeps: "original" (each keeps its own) or "official" (renumbered
+#: 0..n-1 after each drop, decode positions following each layer's length, as the official code).
+POSITIONS = ("original", "official")
+
+
+def check_positions(method: str, positions: Any, mode: str) -> None:
+    if positions not in POSITIONS:
+        raise MethodArgumentError(f"{method}: positions={positions!r} must be one of {', '.join(POSITIONS)}")
+    if positions == "official" and mode != "drop":
+        raise MethodArgumentError(f"{method}: positions='official' renumbers the tokens a drop keeps; it needs mode='drop'")
+
+
 def keep_top(scores: torch.Tensor, candidates: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
     """(B, q) keep mask: every non-candidate position, and per row the ``n_keep[b]`` candidates with
     the highest ``scores`` (B, q). Rows drop the same number of candidates, the smallest any row would
@@ -130,10 +142,21 @@ class PruningMethod(Method):
     def drops_tokens(self) -> bool:  # type: ignore[override]
         return self.config.mode == "drop"
 
+    @property
+    def renumbers_positions(self) -> bool:  # type: ignore[override]
+        return self.drops_tokens and getattr(self.config, "positions", "original") == "official"
+
     def attach(self, handle: Any) -> None:
+        adapter = handle.adapter
+        if self.renumbers_positions and (not adapter.positions_1d or adapter.rotary_module() is None):
+            what = "3-D mRoPE positions" if not adapter.positions_1d else "no rotary-embedding module"
+            raise UnsupportedModelError(
+                f"{self.name}: positions='official' renumbers 1-D rotary positions and {adapter.family} has {what}; "
+                "use positions='original'"
+            )
         self._handle = handle
-        self._shape = LayerShape.from_adapter(handle.adapter)
-        self._depth = handle.adapter.num_layers
+        self._shape = LayerShape.from_adapter(adapter)
+        self._depth = adapter.num_layers
 
     def detach(self) -> None:
         self._handle = None

@@ -16,7 +16,7 @@ import torch
 from ..errors import MethodArgumentError
 from ..hooks.context import ForwardContext
 from .base import MethodConfig, check_int
-from .pruning import PruningMethod, check_mode, keep_top
+from .pruning import PruningMethod, check_mode, check_positions, keep_top
 from .registry import register
 
 #: Image tokens of one LLaVA-1.5 image (336 px, 14 px patches): the image size the schedules are for.
@@ -46,13 +46,16 @@ class SparseVLMConfig(MethodConfig):
     """budget: image tokens retained for a 576-token image (64, 96, 128, 192 = the official schedules;
     any value >= 576 keeps everything); layers: the layers whose attention ranks the image tokens
     (tokens go from the next layer on), given for a ``depth``-layer model (None = absolute indices);
-    recycle: merge the best-related dropped tokens into cluster tokens; mode: "drop" or "mask"."""
+    recycle: merge the best-related dropped tokens into cluster tokens; mode: "drop" or "mask";
+    positions: "original" (kept tokens keep their positions, a merged token its centre's) or "official"
+    (merged tokens after the kept image tokens, all renumbered after each stage; drop mode)."""
 
     budget: int = 192
     layers: tuple[int, ...] = (2, 6, 15)
     depth: int | None = REFERENCE_DEPTH
     recycle: bool = True
     mode: str = "drop"
+    positions: str = "original"
 
     def validate(self) -> None:
         check_int("sparsevlm", "budget", self.budget, 1, None)
@@ -75,6 +78,7 @@ class SparseVLMConfig(MethodConfig):
         if not isinstance(self.recycle, bool):
             raise MethodArgumentError(f"sparsevlm: recycle={self.recycle!r} must be True or False")
         check_mode("sparsevlm", self.mode)
+        check_positions("sparsevlm", self.positions, self.mode)
 
 
 def scale_layers(layers: tuple[int, ...], depth: int | None, num_layers: int, first_droppable: int = 0) -> tuple[int, ...]:
@@ -164,6 +168,28 @@ def expected_image_counts(budget: int, n_image: int, recycle: bool = True) -> li
     return out
 
 
+def official_order(
+    keep: torch.Tensor, live: torch.Tensor, merged: list[tuple[int, torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """(B, n) rows kept by a stage in the official layout: the kept rows in order, each row's merged
+    tokens (``merged``: (row, centre rows in cluster order, values)) moved right after its last kept
+    image token (``live``: the image rows before the stage; with none kept, where its image was)."""
+    centres = {b: rows for b, rows, _ in merged}
+    out = []
+    for b in range(keep.shape[0]):
+        rows = keep[b].nonzero().flatten()
+        c = centres.get(b)
+        if c is None or c.numel() == 0:
+            out.append(rows)
+            continue
+        c = c.to(rows.device)
+        rest = rows[~torch.isin(rows, c)]
+        image = live[b, rest].nonzero().flatten()
+        at = int(image[-1]) + 1 if image.numel() else int((rest < live[b].nonzero().min()).sum())
+        out.append(torch.cat([rest[:at], c, rest[at:]]))
+    return torch.stack(out)
+
+
 @register
 class SparseVLM(PruningMethod):
     """SparseVLM v1.5 (Zhang et al., ICML 2025): text raters rank the image tokens at three layers.
@@ -187,13 +213,19 @@ class SparseVLM(PruningMethod):
     Recycling (official: the same forward and ``cluster_and_merge`` in utils.py): of the d image tokens
     a stage drops, the ``int(0.3 d) + 1`` most relevant are clustered (``dpc_knn_clusters``, on the
     hidden states entering layer L + 1) into ``int(m / 10) + 1`` clusters, and each cluster becomes
-    one token: the plain mean of its members' hidden states. The official code appends these tokens
-    after the kept image tokens and renumbers all positions contiguously; here each merged token takes
-    the row of its cluster's centre (that token is kept and ``select`` overwrites its hidden state in
-    place, in the tensor the layer then receives), so it keeps the centre's original position, as every
-    kept token keeps its own (the drop machinery never renumbers positions). Image tokens kept per
-    stage: ``count + clusters``. The overwrite happens in mask mode too, so drop == mask with or
-    without recycling; ``merged_tokens(ctx)`` lists them.
+    one token: the plain mean of its members' hidden states; each merged token takes the row of its
+    cluster's centre (that token is kept and ``select`` overwrites its hidden state in place, in the
+    tensor the layer then receives). Image tokens kept per stage: ``count + clusters``. The overwrite
+    happens in mask mode too, so drop == mask with or without recycling; ``merged_tokens(ctx)`` lists
+    them.
+
+    Positions (``positions``): by default every kept token keeps its original position and a merged
+    token its centre's. The official code lays the sequence out anew after each stage: the text
+    before the image, the kept image tokens (in order), the merged tokens (in cluster order), the
+    text after, renumbered 0..n-1; at a decode step each layer's new token takes the position that
+    follows that layer's own length. ``positions="official"`` (drop mode, 1-D RoPE models) reproduces
+    that layout (several images in a row: the merged tokens follow the row's last kept image token),
+    and later stages rank and merge on it; ``ctx.drops`` then lists the kept positions in that order.
 
     Layers: ``layers=(2, 6, 15)`` (official ``pruning_loc``) are given for ``depth=32`` layers and
     scaled to the wrapped model by ``scale_layers`` (``round(l * N / 32)``, kept strictly increasing
@@ -206,9 +238,10 @@ class SparseVLM(PruningMethod):
     rows; in mask mode each row keeps its own count.
 
     Defaults: budget=192 (the official README's default ``RETAIN_TOKN``), layers=(2, 6, 15),
-    recycle=True (the official inference path), mode="drop". Deviations: original positions (above);
-    density ties in the clustering broken by relevance rank instead of 1e-6 random noise; exact cluster
-    means (official: sum / (count + 1e-6)). ``self.report`` (a PruneReport) describes the last prompt;
+    recycle=True (the official inference path), mode="drop", positions="original" (the README says why).
+    Deviations: original positions unless positions="official" (above); density ties in the clustering
+    broken by relevance rank instead of 1e-6 random noise; exact cluster means (official: sum / (count
+    + 1e-6)). ``self.report`` (a PruneReport) describes the last prompt;
     in mask mode it counts the tokens each layer would hold had they been dropped.
     """
 
@@ -360,7 +393,8 @@ class SparseVLM(PruningMethod):
                 hidden[b, rows] = values  # the merged tokens take their centres' rows, from this layer on
                 keep[b, rows] = True
         self._state(ctx).setdefault("merged", []).append((layer, merged))
-        return self.record(layer, keep, live)
+        keep = self.record(layer, keep, live)
+        return official_order(keep, live, merged) if self.renumbers_positions else keep
 
     def merged_tokens(self, ctx: ForwardContext) -> list[tuple[int, list[tuple[int, torch.Tensor, torch.Tensor]]]]:
         """The recycled tokens of the last prefill, per stage: (selection layer, [(row, positions in that

@@ -28,6 +28,9 @@ SINK_DIMS: dict[tuple[str, int, int, int], tuple[str, tuple[int, ...]]] = {
 }
 
 _EPS = 1e-6  # of the parameter-free RMS normalisation (the official code's)
+#: Added to each image token's attention in the denominator of the visual-sink share (the official
+#: ``portion = vis / sum(image_attn + 1e-6)``).
+SHARE_EPS = 1e-6
 
 
 @dataclasses.dataclass
@@ -77,7 +80,9 @@ class VAR(Method):
        ``max_{d in sink_dims} |h_d| > tau``. Image tokens that are sinks are visual sinks; the others
        (e.g. BOS) text sinks. Positions are kept for the decode steps (generated tokens never are).
     2. Image-centric (head, query) pairs, per layer: the row's image attention is >= summ and the
-       visual-sink share of it is <= rho; a row whose layer has no visual sink is left alone (the
+       visual-sink share of it is <= rho, the share taken as the official code does,
+       ``vis / sum_{image tokens}(attention + 1e-6)`` (the 1e-6 per image token tips rows at the
+       boundary into the chosen set); a row whose layer has no visual sink is left alone (the
        official code does the same). Query rows: at prefill, the text tokens that follow the row's
        first image token (the official code excludes the image tokens and what precedes the image);
        at decode, the new token.
@@ -98,6 +103,12 @@ class VAR(Method):
     of 32 (start_layer=2, skip_last=1). Layer indices are not scaled with depth: the first two layers
     and the last one are skipped in every model. Note that tau applies to a parameter-free RMS
     norm, whose entries are at most sqrt(hidden_size): small models need a smaller tau.
+
+    Deviation (last layer): the released code also redistributes in the last layer, against its own
+    configuration's intent: ``except_last_layer: 1`` of its LLaVA-1.5 config is set on the base class
+    (``LogicEngine.activate``), but the redistribution reads it from a subclass (``VARProcessor``)
+    whose own class attribute, False, shadows it. ``skip_last=1`` follows the intent;
+    ``skip_last=0`` reproduces the released code (layers 2..31 of 32).
     """
 
     name = "var"
@@ -215,7 +226,8 @@ class VAR(Method):
     # -- 2. + 3. image-centric pairs, redistribution -------------------------------------------
     def _masks(self, ctx: ForwardContext, layer: int, width: int, device: torch.device) -> tuple | None:
         """Per layer, cached for the forward: (masks (B, K, 4): image, visual sink, sink, non-sink image;
-        shift (B, 2, K): sink, non-sink image; has_visual (B, 1, 1)), cropped to ``width``, or None."""
+        shift (B, 2, K): sink, non-sink image; has_visual (B, 1, 1); n_image (B, 1): the row's image
+        tokens, all of them whatever the width), cropped to ``width``, or None."""
         state = self._state(ctx)
         cache = state.setdefault("masks", {})
         hit = cache.get(layer)
@@ -234,7 +246,7 @@ class VAR(Method):
             return None
         masks = torch.stack([image, sink & image, sink, image & ~sink], dim=2).float()  # (B, K, 4)
         shift = masks[:, :, 2:].transpose(1, 2).contiguous()  # (B, 2, K)
-        entry = (masks, shift, has_visual[:, None, None])
+        entry = (masks, shift, has_visual[:, None, None], image.sum(1, keepdim=True, dtype=torch.float32))
         cache[layer] = (capacity, entry)
         return _crop(entry, width)
 
@@ -244,7 +256,7 @@ class VAR(Method):
         found = self._masks(ctx, layer, probs.shape[-1], probs.device)
         if found is None:
             return probs
-        masks, shift, has_visual = found
+        masks, shift, has_visual, n_image = found
         state = self._state(ctx)
         p = probs.float().contiguous()  # the same tensor for fp32 probabilities: rewritten in place
         bsz, heads, rows, width = p.shape
@@ -260,8 +272,10 @@ class VAR(Method):
         flat = p.view(bsz, heads * rows, width)
         image_attn, visual_sink, sink_attn, rest = torch.bmm(flat, masks).unbind(-1)  # (B, H*r) each
         cfg = self.config
-        # image attention >= summ, visual-sink share of it <= rho (and something left to receive)
-        chosen = (image_attn >= cfg.summ) & (visual_sink <= cfg.rho * image_attn) & rows_ok
+        # image attention >= summ, visual-sink share of it <= rho (and something left to receive); the
+        # share as the official code computes it: vis / sum over image tokens of (attention + 1e-6)
+        share_of = image_attn + SHARE_EPS * n_image
+        chosen = (image_attn >= cfg.summ) & (visual_sink <= cfg.rho * share_of) & rows_ok
         if cfg.rho >= 1.0 or cfg.summ <= 0.0:  # otherwise rest >= (1 - rho) * summ > 0 already
             chosen &= rest > 0
         # factor - 1 per column: p - 1 on the sinks, the gain on the non-sink image tokens, 0 elsewhere
@@ -291,8 +305,8 @@ class VAR(Method):
 
 
 def _crop(entry: tuple, width: int) -> tuple:
-    masks, shift, has_visual = entry
-    return masks[:, :width], shift[..., :width], has_visual
+    masks, shift, has_visual, n_image = entry
+    return masks[:, :width], shift[..., :width], has_visual, n_image
 
 
 def _fit(mask: torch.Tensor, width: int) -> torch.Tensor:

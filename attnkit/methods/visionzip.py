@@ -112,6 +112,12 @@ class VisionZip(VisionPruner):
     320 tokens to an image of 5 crops, as the official code, which applies them to every crop).
     ``dominant + contextual >=`` the image's (crop's) token count leaves the model unchanged.
     ``self.report`` (a PruneReport) describes the last prompt.
+
+    Precision (a deviation, not an option): the attention that ranks the tokens and the key cosine
+    similarities that assign each remaining token to a contextual target are computed in float32
+    (the averaging of the hidden states runs in the features' dtype); the official code computes
+    them in the model's precision. In fp32 the two agree; in bf16 the official code's near-ties can
+    resolve otherwise, so some tokens merge into another contextual target than here.
     """
 
     name = "visionzip"

@@ -64,6 +64,9 @@ class Adapter:
     global_view_cropped: ClassVar[bool] = False
     #: Whether image tokens lie on a spatial grid (False for InstructBLIP's Q-Former queries).
     has_image_grid: ClassVar[bool] = True
+    #: Whether every token has one rotary position (1-D RoPE), so that a shortened sequence can be
+    #: renumbered 0..n-1 (pruning with positions="official"); False for 3-D mRoPE (Qwen2/2.5/3-VL).
+    positions_1d: ClassVar[bool] = True
 
     @property
     def first_droppable_layer(self) -> int:
@@ -106,6 +109,16 @@ class Adapter:
     def head_dim(self) -> int:
         hd = getattr(self.text_config, "head_dim", None)
         return hd or self.text_config.hidden_size // self.num_heads
+
+    def rotary_module(self) -> torch.nn.Module | None:
+        """The language model's rotary-embedding module (what turns position ids into (cos, sin)), or None."""
+        return getattr(self.model.get_decoder(), "rotary_emb", None)
+
+    def rotary_embeddings(
+        self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) the language model gives decoder layer ``layer`` for ``position_ids`` (B, q)."""
+        return self.rotary_module()(hidden, position_ids)
 
     # -- image tokens ----------------------------------------------------------------------
     @property

@@ -129,6 +129,7 @@ class Qwen2VLAdapter(Adapter):
     wrap_before = 1
     wrap_after = 1
     vision_paths = ("model.visual", "visual")
+    positions_1d = False  # mRoPE: image tokens take (t, h, w) positions
 
     def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
         merge = self.config.vision_config.spatial_merge_size
@@ -227,6 +228,12 @@ class Gemma3Adapter(Adapter):
     model_types = ("gemma3",)
     wrap_before = 1
     wrap_after = 1
+
+    def rotary_embeddings(
+        self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # one rotary module, with parameters per layer type (sliding / full attention)
+        return self.rotary_module()(hidden, position_ids, self.text_config.layer_types[layer])
 
 
 class Idefics3Adapter(Adapter):
