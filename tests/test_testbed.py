@@ -224,12 +224,12 @@ def test_demo_prints_one_table(capsys):
 def test_training_script_runs_a_few_steps(tmp_path):
     out = tmp_path / "model"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_testbed.py"), "--out", str(out),
-                           "--n-train", "64", "--batch", "4", "--stage1-steps", "2", "--stage2-steps", "3",
+                           "--n-train", "64", "--batch", "4", "--batch1", "4", "--stage1-steps", "2", "--stage2-steps", "4",
                            "--eval-every", "2", "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage 2 step 0" in proc.stdout and "probe: yes on present" in proc.stdout
     info = json.loads((out / "training.json").read_text())
-    assert info["stage2_steps"] == 3 and len(info["probe"]) == 2
+    assert info["stage2_steps"] == 4 and [p["step"] for p in info["probe"]] == [2, 3]
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(out)
