@@ -114,7 +114,7 @@ def test_vocabulary_file_errors(tmp_path):
     with pytest.raises(DataError, match="'a round ball' is not one word or two"):
         load_vocabulary(bad)
     bad.write_text("{")
-    with pytest.raises(DataError, match=r"v\.json line 1: invalid JSON"):
+    with pytest.raises(DataError, match=r"v\.json, line 1: malformed JSON"):
         load_vocabulary(bad)
     with pytest.raises(DataError, match="CHAIR vocabulary file not found"):
         load_vocabulary(tmp_path / "missing.json")

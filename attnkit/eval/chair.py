@@ -78,6 +78,7 @@ from typing import Any
 from attnkit.errors import DataError, OutputError
 from attnkit.eval import chair_words as W
 from attnkit.eval.base import Sample, Task, coco_image_dir
+from attnkit.eval.records import read_json
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 _CACHE_FORMAT = "attnkit.chair.ground_truth/1"
@@ -188,14 +189,7 @@ def load_vocabulary(path: str | Path | None) -> Vocabulary:
     if path is None:
         return COCO
     src = Path(path).expanduser()
-    try:
-        data = json.loads(src.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"CHAIR vocabulary file not found: {src}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{src} line {e.lineno}: invalid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read CHAIR vocabulary {src}: {e}") from None
+    data = read_json(src, "CHAIR vocabulary file")
     if isinstance(data, dict) and "categories" in data:
         name = data.get("name") or src.stem
         return vocabulary_from(data["categories"], str(name), str(src))

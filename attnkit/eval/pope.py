@@ -19,6 +19,7 @@ from typing import Any
 
 from attnkit.errors import DataError, OutputError
 from attnkit.eval.base import Sample, Task
+from attnkit.eval.records import read_json
 
 SOURCES: tuple[str, ...] = ("coco", "aokvqa", "gqa", "shapes")  # shapes: attnkit's testbed set
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -301,14 +302,7 @@ def load_hf_split(name: str, source: str, split: str, suffix: str = DEFAULT_SUFF
 
 def _read_instances(path: Path) -> tuple[dict[int, str], dict[int, set[str]]]:
     """(image id -> file name, image id -> distinct category names) of a COCO instances file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"COCO instances file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read COCO instances file {path}: {e}") from None
+    data = read_json(path, "COCO instances file")
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):

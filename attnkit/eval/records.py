@@ -11,6 +11,18 @@ from typing import Any
 from ..errors import DataError, OutputError
 
 
+def read_json(path: Path, what: str) -> Any:
+    """The parsed JSON file ``path`` (``what`` names it in errors); DataError naming the file and line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
 def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     """The records of a samples file.
 
