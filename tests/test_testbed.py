@@ -234,3 +234,36 @@ def test_training_script_runs_a_few_steps(tmp_path):
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert model.dtype == torch.float32
+
+
+def test_pope_and_chair_tag_partners_by_hand():
+    truth = {im["file_name"]: {a["shape"] for a in anns} for im, anns in S.read_split(testbed.DATA_DIR, "val")}
+    samples = testbed.pope_task(("adversarial",)).load()
+    kinds = Counter()
+    for s in samples:
+        present = truth[s.meta["image"]]
+        if s.label == "yes":
+            assert "absent" not in s.meta and s.meta["object"] in present
+        else:
+            partner = any(S.partner_of(p) == s.meta["object"] for p in present)
+            assert s.meta["absent"] == ("partner" if partner else "other")
+            kinds[s.meta["absent"]] += 1
+    assert kinds["partner"] > 50 and kinds["other"] > 50  # adversarial asks about partners often
+    # scores by hand: two partner questions (one answered yes), one other (answered no)
+    recs = [{"id": "a", "meta": {"split": "adversarial", "absent": "partner"}, "label": "no", "parsed": "yes"},
+            {"id": "b", "meta": {"split": "adversarial", "absent": "partner"}, "label": "no", "parsed": "no"},
+            {"id": "c", "meta": {"split": "adversarial", "absent": "other"}, "label": "no", "parsed": "no"},
+            {"id": "d", "meta": {"split": "adversarial"}, "label": "yes", "parsed": "yes"}]
+    m = testbed.pope_task(("adversarial",)).score(recs)["splits"]["adversarial"]
+    assert (m["false_yes_partner"], m["n_absent_partner"], m["false_yes_other"], m["n_absent_other"]) == (0.5, 2, 0.0, 1)
+    # CHAIR: an image with a shape whose partner is absent; naming that partner is a partner
+    # hallucination, naming a shape that is nobody's partner here is not
+    image, present, partner, other = next(
+        (im, p, S.partner_of(x), o) for im, anns in S.read_split(testbed.DATA_DIR, "val")
+        for p in [{a["shape"] for a in anns}] for x in sorted(p) if S.partner_of(x) not in p
+        for o in [next(y for y in S.SHAPES if y not in p and S.partner_of(y) not in p)])
+    task = testbed.chair_task(5)
+    caption = f"A {' and a '.join(sorted(present))}, a {partner} and a {other}."
+    metrics = task.score([{"id": "x", "output": caption, "meta": {"image_id": image["id"]}}])
+    assert metrics["num_hallucinated"] == 2 and metrics["hallucinated_partner"] == 1
+    assert metrics["partner_share"] == pytest.approx(50.0)

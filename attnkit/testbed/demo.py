@@ -40,19 +40,23 @@ def run(methods: tuple[str, ...] = DEFAULT_METHODS, *, pope_questions: int = 800
     from ..methods.registry import make_method
 
     model, processor = testbed.load()
-    root = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="attnkit-demo-"))
+    if out_dir is None:  # the run directories are only read back here
+        with tempfile.TemporaryDirectory(prefix="attnkit-demo-") as tmp:
+            return run(methods, pope_questions=pope_questions, chair_images=chair_images, batch_size=batch_size,
+                       out_dir=tmp, progress=progress, log=log)
+    root = Path(out_dir)
     header = ("| method | POPE-adv acc | F1 | yes ratio | false yes: absent partner | false yes: other absent "
               "| CHAIR_s | CHAIR_i | partner share of CHAIR hallucinations | image tokens kept | prefill FLOPs |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for name in methods:
         t0 = time.time()
         objs = [] if name == "none" else [make_method(name, **TESTBED_ARGS.get(name, {}))]
-        settings = RunSettings(batch_size=batch_size, progress=progress)
         pope = run_task(testbed.pope_task(("adversarial",)), model, processor, objs, root / name / "pope",
                         RunSettings(batch_size=batch_size, progress=progress, limit=pope_questions),
                         model_id="testbed", print_summary=False)
         kept, flops = _prune_columns(objs)
-        chair = run_task(testbed.chair_task(chair_images), model, processor, objs, root / name / "chair", settings,
+        chair = run_task(testbed.chair_task(chair_images), model, processor, objs, root / name / "chair",
+                         RunSettings(batch_size=batch_size, progress=progress),
                          model_id="testbed", print_summary=False)
         p = pope["metrics"]["splits"]["adversarial"]
         c = chair["metrics"]

@@ -7,7 +7,6 @@ hallucinated mentions that name the partner of a shape in the image.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +14,21 @@ from ..errors import DataError
 from ..eval.base import Sample
 from ..eval.chair import ChairTask
 from ..eval.pope import SPLITS, YES, PopeTask, object_of
+from ..eval.records import read_json
 from .shapes import partner_of
 
 
 def _image_shapes(instances: Path) -> dict[str, set[str]]:
     """Image file name -> shapes in it."""
+    data = read_json(instances, "shapes instances file")
     try:
-        data = json.loads(instances.read_text(encoding="utf-8"))
         names = {c["id"]: c["name"] for c in data["categories"]}
         files = {im["id"]: im["file_name"] for im in data["images"]}
         out: dict[str, set[str]] = {f: set() for f in files.values()}
         for a in data["annotations"]:
             out[files[a["image_id"]]].add(names[a["category_id"]])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"cannot read the shapes instances {instances}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{instances}: not a COCO instances file ({type(e).__name__}: {e})") from None
     return out
 
 
