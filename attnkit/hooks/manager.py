@@ -85,6 +85,8 @@ class Handle:
             head_dim=adapter.head_dim,
         )
         self._torch_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hook_owners: list[tuple[Any, torch.nn.Module, str]] = []
+        self._attrs: list[tuple[Any, str, bool, Any]] = []  # set_attr: (object, name, had it, old value)
         self._marked: list[torch.nn.Module] = []
         self._saved_impl: list[tuple[Any, Any]] = []  # every config's attention implementation before wrap()
         self._set_impl: list[tuple[Any, Any]] = []  # what wrap() left in each (remove() keeps later changes)
@@ -109,6 +111,39 @@ class Handle:
                 out.add(i)
         return frozenset(out)
 
+    # -- ownership: every hook and temporary attribute goes through the handle ------------------
+    def add_hook(
+        self, module: torch.nn.Module, fn: Any, *, pre: bool = False, with_kwargs: bool = False, owner: Any = None
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Register a torch forward hook (``pre=True``: a forward pre-hook) on ``module``, owned by this handle:
+        remove() takes it off. ``owner`` (a method) is recorded for ``hooks()``.
+
+        Order: hooks on one module run in the order they were added. The handle adds its own hooks (the
+        forward context, token selection, logits) after every method's ``attach()``, so a method's pre-hook
+        on the model runs before the handle reads the forward's inputs (it may rewrite them, as the
+        vision-side pruners do). A hook added later (outside ``attach``) runs after the handle's."""
+        if self.removed:
+            raise RuntimeError("this handle was removed; wrap the model again")
+        if pre:
+            h = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        else:
+            h = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        self._torch_hooks.append(h)
+        self._hook_owners.append((owner, module, "pre" if pre else "post"))
+        return h
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name = value`` until remove(), which restores the previous value (or deletes the
+        attribute when there was none)."""
+        had = name in getattr(obj, "__dict__", {})
+        self._attrs.append((obj, name, had, obj.__dict__.get(name) if had else None))
+        setattr(obj, name, value)
+
+    def hooks(self) -> list[tuple[Any, torch.nn.Module, str]]:
+        """(owner, module, "pre"|"post") for every torch hook the handle holds, in registration order
+        (owner None: the handle's own)."""
+        return list(self._hook_owners)
+
     # -- install / remove ------------------------------------------------------------------
     def _install(self) -> None:
         _register_functions()
@@ -132,20 +167,16 @@ class Handle:
             for m in self.methods:
                 m.attach(self)
             # always: the bypass check and output_attentions; with methods also the ForwardContext
-            self._torch_hooks.append(
-                self.adapter.context_module().register_forward_pre_hook(self._on_forward, with_kwargs=True)
-            )
+            self.add_hook(self.adapter.context_module(), self._on_forward, pre=True, with_kwargs=True)
             if self.methods:
                 self._route(self.ctx)
             if any(m.select is not None for m in self.methods):
                 for i, layer in enumerate(self.adapter.decoder_layers()):
-                    self._torch_hooks.append(
-                        layer.register_forward_pre_hook(self._make_select_hook(i), with_kwargs=True)
-                    )
+                    self.add_hook(layer, self._make_select_hook(i), pre=True, with_kwargs=True)
             if any(m.logits is not None for m in self.methods) or self._branch is not None:
                 # on the module whose forward starts each step, so that it also runs when generate()
                 # bypasses the top-level forward (InstructBLIP)
-                self._torch_hooks.append(self.adapter.context_module().register_forward_hook(self._on_output))
+                self.add_hook(self.adapter.context_module(), self._on_output)
         except BaseException:
             self.remove()
             raise
@@ -172,6 +203,13 @@ class Handle:
         for h in self._torch_hooks:
             h.remove()
         self._torch_hooks.clear()
+        self._hook_owners.clear()
+        for obj, name, had, old in reversed(self._attrs):
+            if had:
+                setattr(obj, name, old)
+            elif name in obj.__dict__:
+                delattr(obj, name)
+        self._attrs.clear()
         for mod in self._marked:
             if mod.__dict__.get(dispatch.HANDLE_ATTR) is self:
                 delattr(mod, dispatch.HANDLE_ATTR)

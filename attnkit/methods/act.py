@@ -92,6 +92,7 @@ class ACT(Method):
 
     name = "act"
     Config = ACTConfig
+    neutral = {"beta": 1.0}
 
     def __init__(self, config: ACTConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

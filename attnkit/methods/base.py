@@ -9,46 +9,16 @@ fused sdpa kernel.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..errors import MethodArgumentError
+from .config import MethodConfig, build_config, check_int, check_range  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from ..hooks.context import ForwardContext
     from ..hooks.manager import Handle
-
-
-@dataclasses.dataclass
-class MethodConfig:
-    """Base of method configs. Subclasses are dataclasses and validate in ``__post_init__``."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise MethodArgumentError naming the field and its valid range."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_range(method: str, name: str, value: Any, lo: float | None = None, hi: float | None = None) -> None:
-    """One-line MethodArgumentError if ``value`` is outside [lo, hi]."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise MethodArgumentError(f"{method}: {name}={value!r} must be a number")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise MethodArgumentError(f"{method}: {name}={value!r} is out of range {rng}")
-
-
-def check_int(method: str, name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
-    """One-line MethodArgumentError unless ``value`` is an int in [lo, hi]."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise MethodArgumentError(f"{method}: {name}={value!r} must be an integer")
-    check_range(method, name, value, lo, hi)
 
 
 class Method:
@@ -125,6 +95,12 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: Set (on the class or the instance) to run the image-free branch rows alongside the batch.
     text_branch: bool = False
+    #: Config arguments with which the method changes nothing (its zero strength, e.g. PAI alpha=0): the
+    #: common test suite checks that the wrapped model then equals the unwrapped one. None: no such setting.
+    neutral: ClassVar[dict[str, Any] | None] = None
+    #: The model families the method supports (None = every family); wrap() raises UnsupportedModelError
+    #: for the others.
+    families: ClassVar[tuple[str, ...] | None] = None
     #: Set when ``select`` removes tokens (drop mode) instead of masking them.
     drops_tokens: bool = False
     #: Set (with ``drops_tokens``) to renumber the kept tokens' positions after a drop (see ``select``).
@@ -181,13 +157,3 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
         return f"{type(self).__name__}({args})"
-
-
-def build_config(cls: type[MethodConfig], method: str, kwargs: dict[str, Any]) -> MethodConfig:
-    """Instantiate a config, turning unknown keyword arguments into a one-line MethodArgumentError."""
-    fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(kwargs) - set(fields))
-    if unknown:
-        valid = ", ".join(fields) if fields else "none"
-        raise MethodArgumentError(f"{method}: unknown argument {unknown[0]!r} (valid: {valid})")
-    return cls(**kwargs)

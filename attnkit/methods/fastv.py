@@ -49,6 +49,7 @@ class FastV(PruningMethod):
 
     name = "fastv"
     Config = FastVConfig
+    neutral = {"r": 0.0}
 
     def attach(self, handle: Any) -> None:
         super().attach(handle)

@@ -26,6 +26,7 @@ class Identity(Method):
 
     name = "identity"
     Config = IdentityConfig
+    neutral = {}
 
     def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
         return probs

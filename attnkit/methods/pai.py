@@ -65,6 +65,7 @@ class PAI(Method):
 
     name = "pai"
     Config = PAIConfig
+    neutral = {"alpha": 0.0}
 
     def __init__(self, config: PAIConfig | None = None, **kwargs) -> None:
         super().__init__(config, **kwargs)

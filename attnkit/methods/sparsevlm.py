@@ -247,6 +247,7 @@ class SparseVLM(PruningMethod):
 
     name = "sparsevlm"
     Config = SparseVLMConfig
+    neutral = {"budget": 100000}
 
     def __init__(self, config: SparseVLMConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -113,6 +113,7 @@ class VAR(Method):
 
     name = "var"
     Config = VARConfig
+    neutral = {"p": 1.0}
 
     def __init__(self, config: VARConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

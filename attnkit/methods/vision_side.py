@@ -192,6 +192,8 @@ class VisionPruner(Method):
     Subclasses implement ``keep_count(n)``, ``stat_layers(plan)`` and ``reduce(...)``.
     """
 
+    families = SUPPORTED_FAMILIES
+
     def __init__(self, config=None, **kwargs) -> None:
         super().__init__(config, **kwargs)
         self.report: PruneReport | None = None
