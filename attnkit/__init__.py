@@ -17,13 +17,14 @@ from .models import get_adapter, list_models
 __version__ = "0.1.0"
 
 
-def wrap(model: Any, methods: Any = (), **kwargs: Any):
+def wrap(model: Any, methods: Any = (), *, options: Any = None, **kwargs: Any):
     """Wrap a loaded Hugging Face VLM with one or more attention methods; returns a Handle.
 
     ``methods``: a registered name (``kwargs`` go to its config), a Method or config object, or a
     list of them, applied in list order. An empty list wraps with nothing active. The Handle
     is a context manager; ``handle.remove()`` restores the exact original model.
-    Wrapping a model that is already wrapped raises AlreadyWrappedError.
+    Wrapping a model that is already wrapped raises AlreadyWrappedError. ``options``: a
+    ``attnkit.hooks.KernelOptions`` tuning the kernel (block sizes, fast-path switches).
     """
     from .hooks.manager import Handle
 
@@ -34,7 +35,7 @@ def wrap(model: Any, methods: Any = (), **kwargs: Any):
     else:
         objs = [make_method(methods, **kwargs)]
     adapter = get_adapter(model)
-    return Handle(model, objs, adapter)
+    return Handle(model, objs, adapter, options=options)
 
 
 __all__ = [

@@ -81,3 +81,29 @@ def check_batch_equals_rows(model, family: str, method, n_new: int = 4) -> None:
             one = model.generate(**alone, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
             width = alone["input_ids"].shape[1]
             assert torch.equal(one[0, width:], gen[row, batch["input_ids"].shape[1] :]), f"row {row}"
+
+
+def forward_state(methods=(), **fields):
+    """A ForwardState for calling method roles by hand (unit tests), with ``methods`` bound to its state."""
+    from attnkit.hooks.context import ForwardState
+
+    state = ForwardState(**fields)
+    for m in methods:
+        m._states = state.states
+    return state
+
+
+def apply_roles(method, state, layer: int, rows, visible, probs: torch.Tensor) -> torch.Tensor:
+    """What the reference kernel does with ``method``'s probability roles on one block that holds every
+    requested row: column statistics from ``probs``, then the rewrite (a column form in full-row form)."""
+    from attnkit.hooks.context import View
+    from attnkit.hooks.kernel import Roles, Stats, apply_probs, layer_columns
+
+    state.begin()  # the test may have changed the state's fields
+    view = View(state, layer).at(rows, visible)
+    roles = Roles([method])
+    if roles.stats:
+        stats = Stats(probs.shape[0], probs.shape[1], probs.shape[-1], probs.device)
+        stats.add(probs, visible, None)
+        stats.give(roles, view)
+    return apply_probs(roles, view, probs, None, layer_columns(roles, view))

@@ -95,7 +95,7 @@ def check_both_layouts(model, inputs, make_method, by_hand, n_new: int = 5) -> d
     for positions in ("original", "official"):
         with torch.no_grad(), attnkit.wrap(model, make_method(positions)) as handle:
             last[positions] = model(**inputs).logits[0, -1]
-            drops = [(layer, pos[0].tolist()) for layer, pos in handle.ctx.drops]
+            drops = [(layer, pos[0].tolist()) for layer, pos in handle.state.drops]
             out = model.generate(**inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True)
         new = out.sequences[0, s_len:]

@@ -54,7 +54,7 @@ ACTS_AT_DECODE = {"identity", "var", "pai", "act"}
 #: recomputation lifts other rows; the LLM-side pruning methods rank at prefill and their own tests
 #: replay that selection in the recomputation instead).
 RECOMPUTABLE = {"identity", "visionzip", "hiprune"}
-CALLBACKS = ("scores", "collect", "column_sums", "probs", "sparse_probs", "head_output", "observe")
+CALLBACKS = ("scores", "column_stats", "probs", "columns", "reweight", "head_output", "observe")
 
 
 def test_every_registered_method_is_covered():
@@ -352,7 +352,8 @@ class ImageLift(Method):
 
     name = "image_lift_double"
 
-    def scores(self, ctx, layer, scores):
+    def scores(self, ctx, scores):
+        layer = ctx.layer
         image = ctx.image_mask_kv()[:, None, None, : scores.shape[-1]].to(scores.dtype)
         return scores + image
 

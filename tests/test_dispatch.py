@@ -1,7 +1,8 @@
 """Property tests of the attention function itself, on random tensors (no model).
 
-The eager path with a pass-through method must equal transformers' fused sdpa for any batch,
-GQA ratio, prefill or decode shape, padding, and any subset of query rows."""
+The reference kernel with a pass-through method must equal transformers' fused sdpa for any batch,
+GQA ratio, prefill or decode shape, padding, and any subset of query rows; each fast path must equal
+the reference kernel."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from hypothesis import strategies as st
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from attnkit.hooks import dispatch
-from attnkit.hooks.context import ForwardContext
+from attnkit.hooks import dispatch, fast
+from attnkit.hooks.context import ForwardState
+from attnkit.hooks.kernel import KernelOptions, Roles
 from attnkit.methods import ACT, Method
 
 
@@ -27,12 +29,15 @@ class _EachCallANewForward(set):
         pass
 
 
-def fake_handle(ctx, methods):
-    """What dispatch.attention reads of a Handle with some method active: the context, the methods of a
-    layer (``methods``, maybe none), the output_attentions flag and the windowed layers."""
+def fake_handle(state, methods, options=None):
+    """What dispatch.attention reads of a Handle with some method active: the forward state, the roles of a
+    layer (``methods``, maybe none), the kernel options, the output_attentions flag and the windowed layers."""
+    for m in methods:
+        m._states = state.states
+    roles = Roles(methods) if methods else None
     return SimpleNamespace(
-        ctx=ctx, methods=list(methods) or [PassThrough()], methods_for_layer=lambda layer: methods,
-        want_weights=False, windowed=frozenset(), ran=_EachCallANewForward(),
+        state=state, methods=list(methods) or [PassThrough()], roles_for_layer=lambda layer: roles,
+        options=options or KernelOptions(), want_weights=False, windowed=frozenset(), ran=_EachCallANewForward(),
     )
 
 
@@ -52,12 +57,14 @@ class PassThrough(Method):
         self._rows = rows
         self.seen_rows = None
 
-    def rows(self, ctx, layer):
+    def rows(self, ctx):
+        layer = ctx.layer
         return self._rows
 
-    def probs(self, ctx, layer, probs):
-        assert probs.shape[2] == ctx.query_rows.numel()
-        self.seen_rows = (self.seen_rows or 0) + probs.shape[2]  # rows over all chunks of one call
+    def probs(self, ctx, probs):
+        layer = ctx.layer
+        assert probs.shape[2] == ctx.rows.numel()
+        self.seen_rows = (self.seen_rows or 0) + probs.shape[2]  # rows over all blocks of one call
         return probs
 
 
@@ -74,7 +81,7 @@ class PassThrough(Method):
     chunk=st.sampled_from([None, 1, 40]),
     seed=st.integers(0, 10_000),
 )
-def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, chunk, seed):
+def test_reference_kernel_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, chunk, seed):
     g = torch.Generator().manual_seed(seed)
     heads, dim = kv_heads * groups, 4
     kv_len = past + q_len
@@ -93,15 +100,11 @@ def test_eager_path_equals_sdpa(batch, kv_heads, groups, past, q_len, pad, row_s
 
     rows = torch.tensor([q_len - 1]) if row_subset else None
     method = PassThrough(rows)
-    ctx = ForwardContext(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
-                         batch_size=batch, q_len=q_len, past_len=past)
-    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, [method])
-    saved = dispatch.CHUNK_ELEMENTS
-    dispatch.CHUNK_ELEMENTS = chunk or saved  # 1: one row per chunk; 40: a few rows
-    try:
-        out, _ = dispatch.attention(module, q, k, v, mask, scaling=dim**-0.5)
-    finally:
-        dispatch.CHUNK_ELEMENTS = saved
+    ctx = ForwardState(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
+                       batch_size=batch, q_len=q_len, past_len=past)
+    opts = KernelOptions(chunk_elements=chunk) if chunk else None  # 1: one row per block; 40: a few rows
+    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, [method], opts)
+    out, _ = dispatch.attention(module, q, k, v, mask, scaling=dim**-0.5)
     assert out.shape == ref.shape == (batch, q_len, heads, dim)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert method.seen_rows == (1 if row_subset else q_len)
@@ -116,48 +119,72 @@ def test_keep_mask_hides_keys_on_fused_and_eager_paths():
     ref, _ = sdpa_attention_forward(FakeAttention(1), q, k[:, :, keep[0]], v[:, :, keep[0]], None, scaling=0.5)
     for methods in ([], [PassThrough()]):
         module = FakeAttention(1)
-        ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=1,
-                             past_len=4, keep=[(0, keep)])
+        ctx = ForwardState(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=1,
+                           past_len=4, keep=[(0, keep)])
         module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, methods)
         out, _ = dispatch.attention(module, q, k, v, None, scaling=0.5)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
 def test_keep_for_layer_combines_and_extends():
-    ctx = ForwardContext(num_layers=4, num_heads=1, num_kv_heads=1, head_dim=1, batch_size=1, q_len=1, past_len=4)
+    ctx = ForwardState(num_layers=4, num_heads=1, num_kv_heads=1, head_dim=1, batch_size=1, q_len=1, past_len=4)
     ctx.keep = [(1, torch.tensor([[True, False, True, True]])), (2, torch.tensor([[True, True, False, True]]))]
     assert ctx.keep_for_layer(0) is None
     assert ctx.keep_for_layer(1).tolist() == [[True, False, True, True, True]]
     assert ctx.keep_for_layer(3).tolist() == [[True, False, False, True, True]]
 
 
-# -- the column path (Method.sparse_columns / sparse_probs / column_sums) ----------------------------
-class ColumnDouble(Method):
+# -- the column form (Method.columns / reweight / column_stats) --------------------------------------
+class Stats(Method):
+    """Records the column statistics it is given (once per layer and forward)."""
+
+    def __init__(self, rows=None):
+        super().__init__()
+        self._rows = rows
+        self.sums = self.counts = None
+        self.calls = 0
+
+    def rows(self, ctx):
+        return self._rows
+
+    def column_stats(self, ctx, sums, counts):
+        self.sums, self.counts = sums.clone(), counts.clone()
+        self.calls += 1
+
+
+class ColumnDouble(Stats):
     """A column rewrite that is not row-normalised: columns ``cols`` get ``w`` per column, every other
-    column 1 + 0.5 * (the row's mass on ``cols``); ``probs`` does the same on full rows (plain path).
-    Records the column sums and counts it is given."""
+    column 1 + 0.5 * (the row's mass on ``cols``)."""
 
     name = "column_double"
 
     def __init__(self, cols, rows=None):
-        super().__init__()
-        self.cols, self._rows = cols, rows
+        super().__init__(rows)
+        self.cols = cols
         self.w = torch.linspace(0.2, 1.5, len(cols))
-        self.sums = self.counts = None
 
-    def rows(self, ctx, layer):
-        return self._rows
+    def columns(self, ctx):
+        return torch.tensor([c for c in self.cols if c < ctx.kv_len], dtype=torch.long)
 
-    def column_sums(self, ctx, layer, sums, counts):
-        if self.sums is None:
-            self.sums = torch.zeros(*sums.shape[:2], ctx.kv_len)
-            self.counts = torch.zeros(*counts.shape[:2], ctx.kv_len)
-        self.sums[..., : sums.shape[-1]] += sums
-        self.counts[..., : counts.shape[-1]] += counts
+    def reweight(self, ctx, probs, cols):
+        assert probs.dtype == torch.float32 and probs.shape[-1] == cols.numel()
+        assert probs.shape[2] == ctx.rows.numel()
+        return 1.0 + 0.5 * probs.sum(-1, keepdim=True), probs * self.w[: cols.numel()]
 
-    def probs(self, ctx, layer, probs):
+
+class FullDouble(Stats):
+    """ColumnDouble's rewrite written by hand on full rows (``probs``)."""
+
+    name = "full_double"
+
+    def __init__(self, cols, rows=None):
+        super().__init__(rows)
+        self.cols = cols
+        self.w = torch.linspace(0.2, 1.5, len(cols))
+
+    def probs(self, ctx, probs):
         width = probs.shape[-1]
-        keep = [i for i, c in enumerate(self.cols) if c < width]
+        keep = [i for i, c in enumerate(self.cols) if c < min(width, ctx.kv_len)]
         cols = torch.tensor([self.cols[i] for i in keep], dtype=torch.long)
         p = probs.float()
         factor = 1.0 + 0.5 * p[..., cols].sum(-1, keepdim=True)
@@ -165,24 +192,13 @@ class ColumnDouble(Method):
         new[..., cols] = p[..., cols] * self.w[keep]
         return new.to(probs.dtype)
 
-    def sparse_columns(self, ctx, layer):
-        return torch.tensor([c for c in self.cols if c < ctx.kv_len], dtype=torch.long)
-
-    def sparse_probs(self, ctx, layer, probs, cols):
-        assert probs.dtype == torch.float32 and probs.shape[-1] == cols.numel()
-        assert probs.shape[2] == ctx.query_rows.numel()
-        return 1.0 + 0.5 * probs.sum(-1, keepdim=True), probs * self.w[: cols.numel()]
-
 
 def _attend(methods, q, k, v, mask, module, ctx, plain: bool, chunk=None):
-    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, methods)
-    saved = dispatch.COLUMN_MIN_ROWS, dispatch.CHUNK_ELEMENTS
-    dispatch.COLUMN_MIN_ROWS = 10**9 if plain else 1
-    dispatch.CHUNK_ELEMENTS = chunk or saved[1]
-    try:
-        out, _ = dispatch.attention(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
-    finally:
-        dispatch.COLUMN_MIN_ROWS, dispatch.CHUNK_ELEMENTS = saved
+    opts = KernelOptions(column_min_rows=10**9 if plain else 1)
+    if chunk:
+        opts.chunk_elements = chunk
+    module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, methods, opts)
+    out, _ = dispatch.attention(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
     return out
 
 
@@ -201,8 +217,8 @@ def _problem(batch, kv_heads, groups, past, q_len, pad, causal, seed, dtype=torc
     module = FakeAttention(groups)
     if not causal:
         mask, module.is_causal = None, False
-    ctx = lambda: ForwardContext(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,  # noqa: E731
-                                 batch_size=batch, q_len=q_len, past_len=past, attention_mask=attn2d)
+    ctx = lambda: ForwardState(num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,  # noqa: E731
+                               batch_size=batch, q_len=q_len, past_len=past, attention_mask=attn2d)
     return q, k, v, mask, module, ctx
 
 
@@ -219,19 +235,24 @@ def _problem(batch, kv_heads, groups, past, q_len, pad, causal, seed, dtype=torc
     chunk=st.sampled_from([None, 1, 40]),
     seed=st.integers(0, 10_000),
 )
-def test_column_path_equals_plain_path(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, chunk, seed):
-    """The column rewrite gives the output of the same rewrite done on full rows (and the same column
-    sums), for padded batches (rows that see nothing included), GQA, decode shapes, row subsets, chunks."""
+def test_column_form_equals_full_rows(batch, kv_heads, groups, past, q_len, pad, row_subset, causal, chunk, seed):
+    """A column rewrite gives, on the column form and on the reference kernel (full-row form derived from
+    it), the output of the same rewrite written by hand on full rows, with the same column statistics:
+    padded batches (rows that see nothing included), GQA, decode shapes, row subsets, blocks."""
     q, k, v, mask, module, ctx = _problem(batch, kv_heads, groups, past, q_len, pad, causal, seed)
     kv_len = past + q_len
     cols = sorted({0, kv_len // 2, kv_len - 1, 2})
     rows = torch.tensor([0, q_len - 1]).unique() if row_subset else None
-    plain, column = ColumnDouble(cols, rows), ColumnDouble(cols, rows)
-    ref = _attend([plain], q, k, v, mask, module, ctx(), plain=True, chunk=chunk)
+    by_hand, derived, column = FullDouble(cols, rows), ColumnDouble(cols, rows), ColumnDouble(cols, rows)
+    ref = _attend([by_hand], q, k, v, mask, module, ctx(), plain=True, chunk=chunk)
+    plain = _attend([derived], q, k, v, mask, module, ctx(), plain=True, chunk=chunk)
     got = _attend([column], q, k, v, mask, module, ctx(), plain=False, chunk=chunk)
+    torch.testing.assert_close(plain, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(column.sums, plain.sums, atol=1e-5, rtol=1e-5)
-    assert torch.equal(column.counts.expand_as(plain.counts), plain.counts)
+    for m in (derived, column):
+        assert m.calls == 1, "column_stats is called once per layer and forward"
+        torch.testing.assert_close(m.sums, by_hand.sums, atol=1e-5, rtol=1e-5)
+        assert torch.equal(m.counts.expand_as(by_hand.counts), by_hand.counts.expand_as(m.counts))
     base, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
     if rows is not None:  # rows nobody asked for are sdpa's
         other = torch.ones(q_len, dtype=torch.bool)
@@ -250,8 +271,8 @@ def test_column_path_equals_plain_path(batch, kv_heads, groups, past, q_len, pad
     chunk=st.sampled_from([None, 1, 40]),
     seed=st.integers(0, 10_000),
 )
-def test_act_column_path_equals_plain_path(batch, groups, past, q_len, pad, causal, chunk, seed):
-    """ACT's sparse_probs (rows sum to 1, sinks per head) against its probs on full rows."""
+def test_act_column_form_equals_full_rows(batch, groups, past, q_len, pad, causal, chunk, seed):
+    """ACT's one rewrite on the column form against the reference kernel's full rows."""
     q, k, v, mask, module, ctx = _problem(batch, 2, groups, past, q_len, pad, causal, seed)
     outs, sinks = [], []
     for plain in (True, False):
@@ -259,16 +280,15 @@ def test_act_column_path_equals_plain_path(batch, groups, past, q_len, pad, caus
         act.attach(SimpleNamespace(adapter=SimpleNamespace(num_layers=1, num_heads=2 * groups)))
         c = ctx()
         outs.append(_attend([act], q, k, v, mask, module, c, plain=plain, chunk=chunk))
-        st_ = c.store[f"act:{id(act)}"][0]
-        sinks.append(act._sinks(st_, c.kv_len))
+        sinks.append(act._sinks(act.state()[0], c.kv_len))
     assert torch.equal(sinks[0], sinks[1])
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
-def test_column_path_bf16():
+def test_column_form_bf16():
     q, k, v, mask, module, ctx = _problem(2, 2, 2, 3, 9, [0, 4, 0], True, 0, dtype=torch.bfloat16)
     cols = [0, 2, 5, 11]
-    ref = _attend([ColumnDouble(cols)], q, k, v, mask, module, ctx(), plain=True)
+    ref = _attend([FullDouble(cols)], q, k, v, mask, module, ctx(), plain=True)
     got = _attend([ColumnDouble(cols)], q, k, v, mask, module, ctx(), plain=False)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
@@ -281,32 +301,32 @@ class Observer(Method):
         super().__init__()
         self.calls = 0
 
-    def observe(self, ctx, layer, probs):
+    def observe(self, ctx, probs):
         self.calls += 1
 
 
-def test_column_path_fallbacks(monkeypatch):
+def test_column_form_fallbacks(monkeypatch):
     """A method that needs full probabilities (observe, scores, a plain probs, a second rewrite), softcap
-    and output_attentions keep the plain path; a decode step (one row) takes it by default."""
+    and output_attentions keep the reference kernel; so does a decode step (one row) by default."""
     q, k, v, mask, module, ctx = _problem(1, 2, 2, 0, 6, [0, 0, 0], True, 0)
     taken = []
-    monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(1) or (q.transpose(1, 2), None))
+    monkeypatch.setattr(fast, "column_form", lambda *a, **kw: taken.append(1) or q.transpose(1, 2))
     col = ColumnDouble([0, 3])
-    assert dispatch._column_rewriter([col]) is col
+    assert Roles([col]).column is col
     for others in ([Observer()], [PassThrough()], [ColumnDouble([1])]):
-        assert dispatch._column_rewriter([col, *others]) is None
-    assert dispatch._column_rewriter([PassThrough()]) is None
+        assert Roles([col, *others]).column is None
+    assert Roles([PassThrough()]).column is None
     module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx(), [col])
     dispatch.attention(module, q, k, v, mask, scaling=0.5)
     assert taken == [1]
     dispatch.attention(module, q, k, v, mask, scaling=0.5, softcap=30.0)
     dispatch.attention(module, q, k, v, mask, scaling=0.5, output_attentions=True)
-    dispatch.attention(module, q[:, :, -1:], k, v, None, scaling=0.5)  # decode: COLUMN_MIN_ROWS = 2
+    dispatch.attention(module, q[:, :, -1:], k, v, None, scaling=0.5)  # decode: column_min_rows = 2
     assert taken == [1]
 
 
 class Everything(Method):
-    """Every attention callback, logging the order; rewrites scores, probs and the head output."""
+    """Every attention role, logging the order; rewrites scores, probs and the head output."""
 
     name = "everything_double"
 
@@ -314,32 +334,32 @@ class Everything(Method):
         super().__init__()
         self.log = []
 
-    def scores(self, ctx, layer, scores):
-        self.log.append(("scores", ctx.query_rows.tolist()))
+    def scores(self, ctx, scores):
+        self.log.append(("scores", ctx.rows.tolist()))
         return scores * 0.9
 
-    def collect(self, ctx, layer, probs):
-        self.log.append(("collect", probs.sum().item()))
+    def column_stats(self, ctx, sums, counts):
+        self.log.append(("column_stats", sums.sum().item()))
 
-    def probs(self, ctx, layer, probs):
-        self.log.append(("probs", ctx.query_rows.tolist()))
+    def probs(self, ctx, probs):
+        self.log.append(("probs", ctx.rows.tolist()))
         probs = probs.clone()
         probs[..., 0] *= 0.5
         return probs
 
-    def observe(self, ctx, layer, probs):
+    def observe(self, ctx, probs):
         self.log.append(("observe", round(probs[..., 0].sum().item(), 5)))
 
-    def head_output(self, ctx, layer, out):
-        self.log.append(("head_output", ctx.query_rows.tolist()))
+    def head_output(self, ctx, out):
+        self.log.append(("head_output", ctx.rows.tolist()))
         return out * 2.0
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("padding", ["none", "all-true", "left", "dead-row"])
-def test_single_row_path_equals_plain_path(softcap, padding, monkeypatch):
-    """A decode step takes the short single-row path: same output, weights and callback sequence as the
-    chunked path, with no mask, an all-True mask, left padding and a row that sees no key, softcap too."""
+def test_single_row_path_equals_reference(softcap, padding, monkeypatch):
+    """A decode step takes the short single-row path: same output, weights and role sequence as the
+    reference kernel, with no mask, an all-True mask, left padding and a row that sees no key, softcap too."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
     mask = None if padding == "none" else torch.ones(2, 1, 1, 7, dtype=torch.bool)
@@ -349,22 +369,21 @@ def test_single_row_path_equals_plain_path(softcap, padding, monkeypatch):
         mask[1] = False
     results = []
     for single in (True, False):
-        monkeypatch.setattr(dispatch, "SINGLE_ROW", single)
         method = Everything()
         module = FakeAttention(2)
-        ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, batch_size=2, q_len=1, past_len=6)
-        module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, [method])
+        ctx = ForwardState(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, batch_size=2, q_len=1, past_len=6)
+        module.__dict__[dispatch.HANDLE_ATTR] = fake_handle(ctx, [method], KernelOptions(single_row=single))
         seen = []
-        taken = dispatch._single_row
-        monkeypatch.setattr(dispatch, "_single_row", lambda *a, **kw: seen.append(1) or taken(*a, **kw))
+        taken = fast.single_row
+        monkeypatch.setattr(fast, "single_row", lambda *a, **kw: seen.append(1) or taken(*a, **kw))
         out, weights = dispatch.attention(module, q, k, v, mask, scaling=0.3, output_attentions=True, softcap=softcap)
-        monkeypatch.setattr(dispatch, "_single_row", taken)
+        monkeypatch.setattr(fast, "single_row", taken)
         assert bool(seen) == single
         results.append((out, weights, method.log))
     (out1, w1, log1), (out2, w2, log2) = results
     torch.testing.assert_close(out1, out2, atol=1e-6, rtol=0)
     torch.testing.assert_close(w1, w2, atol=1e-6, rtol=0)
-    assert [name for name, _ in log1] == ["scores", "collect", "probs", "observe", "head_output"]
+    assert [name for name, _ in log1] == ["scores", "column_stats", "probs", "observe", "head_output"]
     assert log1[0] == log2[0] and log1[2:] == log2[2:]
     assert log1[1][0] == log2[1][0] and abs(log1[1][1] - log2[1][1]) < 1e-5
     if padding == "dead-row":
@@ -393,10 +412,11 @@ def test_padded_prefill_sdpa_equals_masked_sdpa(starts):
                      attention_mask=pad, allow_is_causal_skip=False)
     q, k, v = torch.randn(bsz, 4, length, dim), torch.randn(bsz, 2, length, dim), torch.randn(bsz, 2, length, dim)
     module = _GQAModule()
-    ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
-    assert dispatch._padded_starts(ctx, mask, length, length).tolist() == starts
+    ctx = ForwardState(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert fast.padded_starts(ctx, mask, length, length).tolist() == starts
     ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=dim**-0.5)
-    out, _ = dispatch._sdpa(ctx, module, q, k, v, mask, 0.0, dim**-0.5, {})
+    call = dispatch._call(SimpleNamespace(want_weights=False), module, q, k, v, mask, 0.0, dim**-0.5)
+    out = fast.sdpa(call, ctx, KernelOptions())
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     for b, s in enumerate(starts):
         assert not out[b, :s].any()
@@ -410,10 +430,10 @@ def test_padded_prefill_sdpa_leaves_other_masks_to_sdpa():
     pad[1, :3] = False
     mask = sdpa_mask(batch_size=2, q_length=length, kv_length=length, mask_function=causal_mask_function,
                      attention_mask=pad, allow_is_causal_skip=False)
-    ctx = ForwardContext(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
-    assert dispatch._padded_starts(ctx, mask, length, length).tolist() == [0, 3]
+    ctx = ForwardState(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert fast.padded_starts(ctx, mask, length, length).tolist() == [0, 3]
     block = mask.clone()
     block[:, :, 4, 5] = True  # token 4 sees token 5: not causal
-    assert dispatch._padded_starts(ctx, block, length, length) is None
-    assert dispatch._padded_starts(ctx, mask[:, :, -1:], 1, length) is None
-    assert dispatch._padded_starts(ctx, mask.float(), length, length) is None
+    assert fast.padded_starts(ctx, block, length, length) is None
+    assert fast.padded_starts(ctx, mask[:, :, -1:], 1, length) is None
+    assert fast.padded_starts(ctx, mask.float(), length, length) is None

@@ -55,7 +55,8 @@ class PointAt(Method):
             idx = 0 if self.config.which == "first" else -1
             self.target = [int(p[idx]) for p in ctx.image_positions]
 
-    def scores(self, ctx, layer, scores):
+    def scores(self, ctx, scores):
+        layer = ctx.layer
         for b, pos in enumerate(self.target):
             scores[b, :, :, pos] += 50.0
         return scores
@@ -164,9 +165,10 @@ def test_first_cell_maps_through_the_view_geometry(tmp_path, family, region):
 
 
 def test_observer_reads_the_answering_row_when_rows_come_in_chunks(tmp_path, monkeypatch):
-    """PointAt asks for every row; with 8-row chunks the prompt spans several chunks, yet the map
-    (and the hit) must be the same as with one chunk."""
-    from attnkit.hooks import dispatch
+    """PointAt asks for every row; with 8-row blocks the prompt spans several blocks, yet the map
+    (and the hit) must be the same as with one block."""
+    from attnkit.hooks import manager
+    from attnkit.hooks.kernel import KernelOptions
 
     model, _ = _tiny("llava")
     ann = _coco(tmp_path, [[0, 0, 20, 15], [44, 33, 20, 15]])
@@ -177,7 +179,7 @@ def test_observer_reads_the_answering_row_when_rows_come_in_chunks(tmp_path, mon
         return [json.loads(x)["grounding"] for x in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
 
     whole = run("whole")
-    monkeypatch.setattr(dispatch, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(manager, "KernelOptions", lambda: KernelOptions(chunk_rows=8))  # the runner's wrap()
     chunked = run("chunked")
     assert chunked[0]["hit"] is True and chunked[1]["hit"] is False
     for a, b in zip(whole, chunked):

@@ -34,10 +34,12 @@ class Observer(Method):
     def layers(self, ctx):
         return self.only_layers
 
-    def rows(self, ctx, layer):
+    def rows(self, ctx):
+        layer = ctx.layer
         return torch.tensor([ctx.q_len - 1]) if self.last_row else None
 
-    def observe(self, ctx, layer, probs):
+    def observe(self, ctx, probs):
+        layer = ctx.layer
         self.seen.setdefault(layer, []).append(probs.detach().clone())
 
 
@@ -62,10 +64,12 @@ class LastRowBoost(Method):
 
     name = "lastrowboost_double"
 
-    def rows(self, ctx, layer):
+    def rows(self, ctx):
+        layer = ctx.layer
         return torch.tensor([ctx.q_len - 1])
 
-    def scores(self, ctx, layer, scores):
+    def scores(self, ctx, scores):
+        layer = ctx.layer
         scores = scores.clone()
         scores[..., -1, 0] += 3.0  # the last row whether or not other methods asked for all rows
         return scores
@@ -100,7 +104,8 @@ class Order(Method):
     def layers(self, ctx):
         return {0}
 
-    def probs(self, ctx, layer, probs):
+    def probs(self, ctx, probs):
+        layer = ctx.layer
         self.log.append((self.tag, float(probs.sum())))
         return probs * self.scale
 
@@ -123,7 +128,8 @@ class KeepDouble(Method):
         super().__init__()
         self.at, self.drop, self.hidden_shapes = at, drop, []
 
-    def select(self, ctx, layer, hidden):
+    def select(self, ctx, hidden):
+        layer = ctx.layer
         if layer != self.at or not ctx.is_prefill:
             return None
         self.hidden_shapes.append(tuple(hidden.shape))
@@ -318,13 +324,13 @@ def test_sliding_window_kwargs_reach_the_attention_function(monkeypatch):
     """Gemma3's sliding-window layers pass `sliding_window` through to the attention function."""
     model, inputs = _tiny("gemma3")
     seen = []
-    original = dispatch._eager
+    original = dispatch._run
 
-    def spy(handle, methods, module, layer, q, k, v, mask, *args, **kwargs):
+    def spy(handle, roles, module, layer, q, k, v, mask, *args, **kwargs):
         seen.append((layer, kwargs.get("sliding_window")))
-        return original(handle, methods, module, layer, q, k, v, mask, *args, **kwargs)
+        return original(handle, roles, module, layer, q, k, v, mask, *args, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_eager", spy)
+    monkeypatch.setattr(dispatch, "_run", spy)
     with attnkit.wrap(model, "identity"):
         logits(model, inputs)
     assert any(sw is not None for _, sw in seen), seen
@@ -350,7 +356,8 @@ class ZeroHead(Method):
     def layers(self, ctx):
         return {1}
 
-    def head_output(self, ctx, layer, out):
+    def head_output(self, ctx, out):
+        layer = ctx.layer
         out = out.clone()
         out[:, :, 0] = 0.0
         return out

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.hooks import dispatch
-from attnkit.hooks.context import ForwardContext
+from attnkit.hooks.context import View
+from attnkit.hooks import fast
+from attnkit.hooks.kernel import KernelOptions
 from attnkit.methods import ACT, PAI, VAR
 
-from .conftest import greedy, logits, valid_positions
+from .conftest import apply_roles, forward_state, greedy, logits, valid_positions
 from .test_methods_common import SINK_DIM, TAU, Recorder, deep, plant_sinks
 
 
@@ -25,7 +26,7 @@ def _attached(**kwargs):
 
 def test_calibration_by_hand():
     act = _attached(beta=0.5, threshold=0.35, heads={0: [0]})
-    ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=4, past_len=0)
+    ctx = forward_state([act], num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=4, past_len=0)
     ctx.attention_mask = torch.ones(1, 4, dtype=torch.bool)
     head = torch.tensor(
         [
@@ -36,10 +37,8 @@ def test_calibration_by_hand():
         ]
     )
     probs = torch.stack([head, head.flip(-1).tril().softmax(-1)])[None]  # head 1 is not selected
-    ctx.query_rows = torch.arange(4)
-    ctx.visible = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
-    act.collect(ctx, 0, probs)
-    out = act.probs(ctx, 0, probs.clone())
+    visible = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    out = apply_roles(act, ctx, 0, torch.arange(4), visible, probs.clone())
     # column means over the rows that see them: 0.55 (first token, exempt), 0.4, 0.15, 0.3 -> column 1 is the sink
     expected = torch.tensor(
         [
@@ -56,11 +55,9 @@ def test_calibration_by_hand():
     # the new column 4: 0.3 / 1 is not one)
     ctx.q_len, ctx.past_len, ctx.is_prefill = 1, 4, False
     ctx.attention_mask = torch.ones(1, 5, dtype=torch.bool)
-    ctx.query_rows, ctx.visible = torch.tensor([0]), None
     row = torch.tensor([0.2, 0.3, 0.1, 0.1, 0.3])
     step = torch.stack([row, row])[None, :, None]
-    act.collect(ctx, 0, step)
-    out = act.probs(ctx, 0, step.clone())
+    out = apply_roles(act, ctx, 0, torch.tensor([0]), None, step.clone())
     expected = torch.tensor([0.2 + 0.15 * 0.2 / 0.7, 0.15, 0.1 + 0.15 * 0.1 / 0.7, 0.1 + 0.15 * 0.1 / 0.7,
                              0.3 + 0.15 * 0.3 / 0.7])
     torch.testing.assert_close(out[0, 0, 0], expected)
@@ -104,21 +101,19 @@ SPARE_HEAD = torch.tensor(
 def test_spared_column_by_hand(spare, expected):
     """The two rules differ when the first token's column is below the threshold (a hidden sink after it)."""
     act = _attached(beta=0.5, threshold=0.35, heads={0: [0, 1]}, spare=spare)
-    ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=4, past_len=0)
+    ctx = forward_state([act], num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, batch_size=1, q_len=4, past_len=0)
     ctx.attention_mask = torch.ones(1, 4, dtype=torch.bool)
     # head 1: the first token's column is a sink (mean 0.7): spared by both rules, column 1 (0.4) calibrated
     head1 = torch.tensor([[1.0, 0, 0, 0], [0.6, 0.4, 0, 0], [0.6, 0.4, 0.0, 0], [0.6, 0.4, 0.0, 0.0]])
     probs = torch.stack([SPARE_HEAD, head1])[None]
-    ctx.query_rows = torch.arange(4)
-    ctx.visible = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
-    act.collect(ctx, 0, probs)
-    out = act.probs(ctx, 0, probs.clone())
+    visible = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    out = apply_roles(act, ctx, 0, torch.arange(4), visible, probs.clone())
     torch.testing.assert_close(out[0, 0], torch.tensor(expected))
     head1_expected = torch.tensor([[1.0, 0, 0, 0], [0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0], [0.8, 0.2, 0, 0]])
     torch.testing.assert_close(out[0, 1], head1_expected)
     # the column path declares the same sinks (the union over heads is columns 1 and 2 under both rules)
-    assert act.sparse_columns(ctx, 0).tolist() == [1, 2]
-    assert act._sinks(ctx.store[act._key][0], 4)[0].tolist() == (
+    assert act.columns(View(ctx, 0).at(torch.arange(4), visible)).tolist() == [1, 2]
+    assert act._sinks(act.state()[0], 4)[0].tolist() == (
         [[False, True, True, False], [False, True, False, False]]
         if spare == "first_token"
         else [[False, False, True, False], [False, True, False, False]]
@@ -235,16 +230,16 @@ def test_decode_steps_use_running_means(family):
 )
 @pytest.mark.parametrize("keep_chunks", [True, False], ids=["kept", "recomputed"])
 def test_row_chunks_change_nothing(spec, keep_chunks, monkeypatch):
-    """Chunks of 1-3 rows, kept from the collect pass or computed again, give the one-chunk result."""
+    """Blocks of 1-3 rows, kept from the statistics pass or computed again, give the one-block result."""
     model, inputs = deep("qwen2_vl")
     hooks, _ = plant_sinks(model)
     try:
         ref = logits(model, inputs)
         with attnkit.wrap(model, spec()):
             one = logits(model, inputs)
-        monkeypatch.setattr(dispatch, "CHUNK_ELEMENTS", 2 * 4 * inputs["input_ids"].shape[1] + 1)
-        monkeypatch.setattr(dispatch, "COLLECT_CACHE_ELEMENTS", 2**22 if keep_chunks else 0)
-        with attnkit.wrap(model, spec()):
+        opts = KernelOptions(chunk_elements=2 * 4 * inputs["input_ids"].shape[1] + 1,
+                             stats_cache_elements=2**22 if keep_chunks else 0)
+        with attnkit.wrap(model, spec(), options=opts):
             many = logits(model, inputs)
     finally:
         for hk in hooks:
@@ -260,15 +255,14 @@ def test_column_path_equals_plain_path(family, monkeypatch):
     gives the logits and greedy tokens of the plain path (full-row rewrite), left-padded batch, GQA."""
     model, inputs = deep(family)
     taken = []
-    column_path = dispatch._column_path
-    monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(1) or column_path(*a, **kw))
+    column_path = fast.column_form
+    monkeypatch.setattr(fast, "column_form", lambda *a, **kw: taken.append(1) or column_path(*a, **kw))
     spec = dict(beta=0.3, threshold=0.05, start_layer=0, skip_last=0)
     with attnkit.wrap(model, ACT(**spec)):
         column = logits(model, inputs)
         column_tokens = greedy(model, inputs, n=4)
     assert len(taken) == 8, "4 layers at the prefill of logits() and of generate()"
-    monkeypatch.setattr(dispatch, "COLUMN_MIN_ROWS", 10**9)
-    with attnkit.wrap(model, ACT(**spec)):
+    with attnkit.wrap(model, ACT(**spec), options=KernelOptions(column_min_rows=10**9)):
         plain = logits(model, inputs)
         plain_tokens = greedy(model, inputs, n=4)
     assert len(taken) == 8
@@ -282,8 +276,8 @@ def test_column_path_falls_back_with_an_observer(monkeypatch):
     """A method that reads the final probabilities (observe) keeps the plain path in its layers."""
     model, inputs = deep("llava")
     taken = []
-    column_path = dispatch._column_path
-    monkeypatch.setattr(dispatch, "_column_path", lambda *a, **kw: taken.append(a[4]) or column_path(*a, **kw))
+    column_path = fast.column_form
+    monkeypatch.setattr(fast, "column_form", lambda *a, **kw: taken.append(a[2].layer) or column_path(*a, **kw))
     with attnkit.wrap(model, [Recorder(), ACT(beta=0.3, threshold=0.05, heads={2: [0]})]), torch.no_grad():
         model(**inputs)
     assert taken == []
@@ -298,12 +292,11 @@ def test_column_path_redoes_rows_with_a_large_factor(monkeypatch):
     model, inputs = deep("qwen2_vl")
     spec = dict(beta=0.3, threshold=0.05, start_layer=0, skip_last=0)
     redone = []
-    plain_rows = dispatch._plain_rows
-    monkeypatch.setattr(dispatch, "_plain_rows", lambda *a, **kw: redone.append(a[8].numel()) or plain_rows(*a, **kw))
+    plain_rows = fast.reference
+    monkeypatch.setattr(fast, "reference", lambda *a, **kw: redone.append(a[3].numel()) or plain_rows(*a, **kw))
     with attnkit.wrap(model, ACT(**spec)):
         column = logits(model, inputs)
-    monkeypatch.setattr(dispatch, "COLUMN_MAX_FACTOR", 0.0)
-    with attnkit.wrap(model, ACT(**spec)):
+    with attnkit.wrap(model, ACT(**spec), options=KernelOptions(column_max_factor=0.0)):
         redo = logits(model, inputs)
     assert redone and all(n == inputs["input_ids"].shape[1] for n in redone[-4:])
     keep = valid_positions(inputs)

@@ -90,21 +90,26 @@ class Recorder(Method):
     def _keep(self, store, layer, ctx, x):
         full = x.new_zeros(*x.shape[:3], ctx.kv_len)
         full[..., : x.shape[-1]] = x
-        store.setdefault(layer, []).append((ctx.query_rows.clone(), full))
+        store.setdefault(layer, []).append((ctx.rows.clone(), full))
 
-    def scores(self, ctx, layer, scores):
+    def scores(self, ctx, scores):
+        layer = ctx.layer
         self._keep(self.pre_scores, layer, ctx, scores.detach().clone())
         return scores
 
-    def collect(self, ctx, layer, probs):
-        self._keep(self.pre, layer, ctx, probs.detach().clone())
+    def probs(self, ctx, probs):  # first in the list: the probabilities before any rewrite
+        layer = ctx.layer
+        seen = probs if ctx.visible is None else probs.masked_fill(~ctx.visible.any(-1, keepdim=True), 0.0)
+        self._keep(self.pre, layer, ctx, seen.detach().clone())  # rows that see no key as the kernel leaves them
+        return probs
 
-    def observe(self, ctx, layer, probs):
+    def observe(self, ctx, probs):
+        layer = ctx.layer
         self._keep(self.post, layer, ctx, probs.detach().clone())
 
     @staticmethod
     def assemble(store, layer):
-        """(B, H, q, K) assembled from the chunks (each recorded once: the collect pass re-runs scores)."""
+        """(B, H, q, K) assembled from the blocks (each recorded once: a statistics pass may re-run scores)."""
         parts = {}
         for rows, x in store[layer]:
             for i, r in enumerate(rows.tolist()):

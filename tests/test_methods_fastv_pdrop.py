@@ -39,7 +39,7 @@ def test_zero_strength_equals_unwrapped(family, kind, zero):
     ref, ref_tokens = logits(model, inputs), greedy(model, inputs, 6)
     with attnkit.wrap(model, _spec(kind, **zero)) as handle:
         got, tokens = logits(model, inputs), greedy(model, inputs, 6)
-        assert handle.ctx.drops == []
+        assert handle.state.drops == []
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)
 
@@ -47,8 +47,8 @@ def test_zero_strength_equals_unwrapped(family, kind, zero):
 def _run(model, inputs, method):
     with torch.no_grad(), attnkit.wrap(model, method) as handle:
         out = model(**inputs).logits
-        drops = list(handle.ctx.drops)
-        keep = list(handle.ctx.keep)
+        drops = list(handle.state.drops)
+        keep = list(handle.state.keep)
     return out, drops, keep
 
 
@@ -81,7 +81,8 @@ class Replay(Method):
         super().__init__()
         self.stages, self.prompt_len = stages, prompt_len
 
-    def select(self, ctx, layer, hidden):
+    def select(self, ctx, hidden):
+        layer = ctx.layer
         for at, kept in self.stages:
             if at == layer:
                 keep = torch.ones(kept.shape[0], ctx.q_len, dtype=torch.bool)
@@ -98,7 +99,7 @@ def test_cached_generate_equals_full_recomputation(family, kind):
     n = 5
     with torch.no_grad(), attnkit.wrap(model, _spec(kind)) as handle:
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        stages = list(handle.ctx.drops)
+        stages = list(handle.state.drops)
     new = out[:, inputs["input_ids"].shape[1] :]
     with torch.no_grad(), attnkit.wrap(model, Replay(stages, inputs["input_ids"].shape[1])):
         for t in range(n):
@@ -230,7 +231,8 @@ def test_report_counts_tokens_and_flops():
 class SpyPAI(PAI):
     """PAI that records how many image columns it amplifies at each layer."""
 
-    def scores(self, ctx, layer, scores):
+    def scores(self, ctx, scores):
+        layer = ctx.layer
         self.seen = getattr(self, "seen", [])
         self.seen.append((layer, int(ctx.image_mask_kv()[0].sum()), scores.shape[-1]))
         return super().scores(ctx, layer, scores)

@@ -11,7 +11,8 @@ import torch
 
 import attnkit
 from attnkit import errors, testing
-from attnkit.hooks.context import ForwardContext
+from attnkit.hooks.context import ForwardState, View
+from attnkit.methods.base import Contrast
 from attnkit.methods import PAI
 from attnkit.models import get_adapter
 
@@ -23,25 +24,27 @@ MIN = torch.finfo(torch.float32).min
 
 def test_score_rewrite_by_hand():
     pai = PAI(alpha=0.5, start_layer=0)
-    ctx = ForwardContext(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, batch_size=1, q_len=3, past_len=2)
-    ctx.image_mask = torch.tensor([[False, True, True, True, False]])
-    ctx.query_rows = torch.tensor([1, 2])  # a chunk holding rows 1 and 2 of q_len 3: row 2 is the last
-    ctx.visible = torch.ones(1, 1, 2, 5, dtype=torch.bool)
-    ctx.visible[0, 0, 1, 3] = False  # e.g. a pruned image token
+    state = ForwardState(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, batch_size=1, q_len=3, past_len=2)
+    state.image_mask = torch.tensor([[False, True, True, True, False]])
+    state.begin()
+    pai._states = state.states
+    visible = torch.ones(1, 1, 2, 5, dtype=torch.bool)
+    visible[0, 0, 1, 3] = False  # e.g. a pruned image token
+    ctx = View(state, 0).at(torch.tensor([1, 2]), visible)  # a block holding rows 1 and 2 of q_len 3: row 2 is the last
     scores = torch.tensor(
         [
             [[0.4, 1.0, -2.0, 0.3, 0.2], [-1.0, 2.0, -3.0, MIN, 1.0]],
             [[0.1, 0.2, 0.3, 0.4, 0.5], [1.5, -0.5, 0.0, MIN, -2.0]],
         ]
     )[None]
-    out = pai.scores(ctx, 0, scores.clone())
+    out = pai.scores(ctx, scores.clone())
     expected = scores.clone()
     expected[0, 0, 1] = torch.tensor([-1.0, 3.0, -1.5, MIN, 1.0])  # 2 + 1, -3 + 1.5; a masked column stays
     expected[0, 1, 1] = torch.tensor([1.5, -0.25, 0.0, MIN, -2.0])
     assert torch.equal(out, expected)
-    ctx.query_rows = torch.tensor([0, 1])  # a chunk without the last row: untouched
-    assert torch.equal(pai.scores(ctx, 0, scores.clone()), scores)
-    assert pai.rows(ctx, 0).tolist() == [2]
+    ctx = View(state, 0).at(torch.tensor([0, 1]), visible)  # a block without the last row: untouched
+    assert torch.equal(pai.scores(ctx, scores.clone()), scores)
+    assert pai.rows(ctx).tolist() == [2]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
@@ -121,7 +124,7 @@ def test_cfg_batch_rows_equal_rows_alone(family):
     assert (batch["attention_mask"] == 0).any()
     with attnkit.wrap(model, PAI(alpha=0.5, start_layer=0, cfg_gamma=1.1)) as h:
         got = greedy(model, batch)
-        assert h.ctx.branch_rows == 2 and h.ctx.batch_size == 4
+        assert h.state.contrast_rows == 2 and h.ctx.batch_size == 4
         for r in range(2):
             alone = testing.tiny_inputs(family, prompts=[prompts[r]], images=[images[r]])
             assert torch.equal(greedy(model, alone)[0], got[r]), f"row {r} differs when batched"
@@ -136,4 +139,5 @@ def test_cfg_plain_forward_and_errors():
         assert out.logits.shape[0] == 2, "the branch rows never leave the wrap"
         with pytest.raises(errors.InputError, match="beam search"):
             model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
-    assert not PAI(cfg_gamma=1.0).text_branch and PAI(cfg_gamma=1.1).text_branch and not PAI().text_branch
+    assert PAI(cfg_gamma=1.0).contrast is None and PAI().contrast is None
+    assert PAI(cfg_gamma=1.1).contrast == Contrast("no_image")

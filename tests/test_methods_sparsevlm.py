@@ -60,7 +60,7 @@ def test_full_budget_equals_unwrapped_model(family, budget):
         method = SparseVLM(budget=budget)
         with attnkit.wrap(model, method) as handle:
             out = model(**inputs).logits
-            assert handle.ctx.drops == [] and handle.ctx.keep == []
+            assert handle.state.drops == [] and handle.state.keep == []
             assert method.layers(handle.ctx) == set()  # every layer keeps fused sdpa
             wrapped = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -73,7 +73,7 @@ def test_full_budget_equals_unwrapped_model(family, budget):
 def _run(model, inputs, method):
     with torch.no_grad(), attnkit.wrap(model, method) as handle:
         out = model(**inputs, use_cache=True)
-        return out, list(handle.ctx.drops), method.merged_tokens(handle.ctx)
+        return out, list(handle.state.drops), method.merged_tokens(handle.ctx)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "internvl", "idefics3"])
@@ -254,8 +254,8 @@ def test_raters_ranking_and_recycling_by_hand(recycle):
             model(**inputs)
         finally:
             hook.remove()
-        assert torch.equal(handle.ctx.store[f"sparsevlm:{id(method)}"]["raters"][0].nonzero().flatten(), raters)
-        first = handle.ctx.drops[0]
+        assert torch.equal(method.state()["raters"][0].nonzero().flatten(), raters)
+        first = handle.state.drops[0]
         merged = method.merged_tokens(handle.ctx)
     assert first[0] == 1
     kept_image = [p for p in first[1][0].tolist() if image[p]]
@@ -303,7 +303,8 @@ class CountingPAI(PAI):
         super().__init__(**kw)
         self.seen: dict[int, int] = {}
 
-    def scores(self, ctx, layer, scores):
+    def scores(self, ctx, scores):
+        layer = ctx.layer
         if ctx.is_prefill:
             self.seen[layer] = int(ctx.image_mask_kv()[0, : scores.shape[-1]].sum())
         return super().scores(ctx, layer, scores)
@@ -369,7 +370,7 @@ def test_layers_that_do_not_fit_the_model():
         ref = model(**inputs).logits
         with attnkit.wrap(model, SparseVLM(layers=(0, 1, 2), depth=None)) as handle:
             model(**inputs)
-            assert [layer for layer, _ in handle.ctx.drops] == [1, 2, 3]
+            assert [layer for layer, _ in handle.state.drops] == [1, 2, 3]
         torch.testing.assert_close(model(**inputs).logits, ref, atol=0, rtol=0)
     assert attnkit.methods.make_method("sparsevlm", budget=64).config.budget == 64
 
@@ -382,7 +383,7 @@ def test_mask_mode_with_pai_cfg_rows():
     method = SparseVLM(budget=192, mode="mask")
     with torch.no_grad(), attnkit.wrap(model, [method, PAI(cfg_gamma=1.1)]) as handle:
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        keeps = [keep.sum(1).tolist() for _, keep in handle.ctx.keep]
+        keeps = [keep.sum(1).tolist() for _, keep in handle.state.keep]
     assert out.shape[1] == seq + 3
     want = _hand_counts(192, n, True)
     # each stage's keep masks the tokens that stage removes

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2VLConfig
 
 import attnkit
-from attnkit.hooks.context import ForwardContext
+from attnkit.hooks.context import ForwardState, View
 from attnkit.methods import VAR
 
 from .conftest import logits, valid_positions
@@ -21,8 +21,13 @@ def _fake_handle(layers=4, hidden=8, **text):
     text_config = SimpleNamespace(hidden_size=hidden, model_type="toy", num_hidden_layers=layers, intermediate_size=16)
     for k, v in text.items():
         setattr(text_config, k, v)
-    ctx = ForwardContext(num_layers=layers, num_heads=2, num_kv_heads=1, head_dim=4)
+    ctx = ForwardState(num_layers=layers, num_heads=2, num_kv_heads=1, head_dim=4)
     return SimpleNamespace(adapter=SimpleNamespace(num_layers=layers, text_config=text_config), ctx=ctx)
+
+
+def _view(state, layer=-1, rows=None, visible=None):
+    state.begin()
+    return View(state, layer).at(rows, visible) if rows is not None else View(state, layer)
 
 
 def _six_tokens():
@@ -30,15 +35,16 @@ def _six_tokens():
     2 (an image token) are sinks at layer 1, 1-4 image tokens, 5 text. Returns (var, ctx)."""
     var = VAR(p=0.6, tau=2.0, rho=0.5, summ=0.2, start_layer=1, skip_last=1, sink_dims=[3])
     handle = _fake_handle()
+    var._states = handle.ctx.states
     var.attach(handle)
     ctx = handle.ctx
     ctx.batch_size, ctx.q_len, ctx.past_len, ctx.is_prefill = 1, 6, 0, True
     ctx.image_mask = torch.tensor([[False, True, True, True, True, False]])
     ctx.attention_mask = torch.ones(1, 6, dtype=torch.bool)
-    var.begin_forward(ctx)
+    var.begin_forward(_view(ctx))
     hidden = torch.ones(1, 6, 8)
     hidden[0, [0, 2], 3] = 50.0  # |RMSNorm| = 50 / sqrt((7 + 2500) / 8) = 2.82 > tau; others 1
-    var.select(ctx, 1, hidden)
+    var.select(_view(ctx, 1), hidden)
     assert var.sink_report()["sinks"] == {1: [[0, 2]]}
     return var, ctx
 
@@ -46,7 +52,7 @@ def _six_tokens():
 def test_redistribution_by_hand():
     """Tokens: 0 BOS (text sink), 1-4 image (2 a visual sink), 5 text. Row 5 is the query."""
     var, ctx = _six_tokens()
-    assert var.rows(ctx, 1).tolist() == [5], "only the text after the image is a query row at prefill"
+    assert var.rows(_view(ctx, 1)).tolist() == [5], "only the text after the image is a query row at prefill"
 
     probs = torch.tensor(
         [
@@ -54,8 +60,8 @@ def test_redistribution_by_hand():
             [0.50, 0.02, 0.30, 0.05, 0.03, 0.10],  # image 0.40, share 0.75 > rho: left alone
         ]
     )[None, :, None, :]
-    ctx.query_rows = torch.tensor([5])
-    out = var.probs(ctx, 1, probs.clone())
+    five = _view(ctx, 1, torch.tensor([5]))
+    out = var.probs(five, probs.clone())
     # sinks keep 0.6 of 0.30 and 0.15; the freed 0.4 * 0.45 = 0.18 goes to image tokens 1, 3, 4 (0.45 in all)
     expected_head0 = torch.tensor([0.18, 0.10 + 0.18 * 0.10 / 0.45, 0.09, 0.20 + 0.18 * 0.20 / 0.45,
                                    0.15 + 0.18 * 0.15 / 0.45, 0.10])
@@ -64,14 +70,14 @@ def test_redistribution_by_hand():
     torch.testing.assert_close(out.sum(-1), torch.ones(1, 2, 1))
 
     low = torch.tensor([0.70, 0.03, 0.02, 0.05, 0.05, 0.15])[None, None, None, :]  # image 0.15 < summ
-    torch.testing.assert_close(var.probs(ctx, 1, low.clone()), low)
+    torch.testing.assert_close(var.probs(five, low.clone()), low)
 
     # layer 2: only BOS is a sink (no visual sink): the layer is left alone, as in the official code
     only_text = torch.ones(1, 6, 8)
     only_text[0, 0, 3] = 50.0
-    var.select(ctx, 2, only_text)
+    var.select(_view(ctx, 2), only_text)
     assert var.sink_report()["sinks"][2] == [[0]]
-    torch.testing.assert_close(var.probs(ctx, 2, probs.clone()), probs)
+    torch.testing.assert_close(var.probs(_view(ctx, 2, torch.tensor([5])), probs.clone()), probs)
 
 
 def test_visual_sink_share_takes_the_official_denominator():
@@ -83,8 +89,7 @@ def test_visual_sink_share_takes_the_official_denominator():
     beyond = [0.5, 0.1, 0.2000025, 0.05, 0.0499975, 0.1]
     assert 0.2000015 > 0.5 * 0.4, "the rule without the 1e-6 terms would leave this row alone"
     probs = torch.tensor([inside, beyond], dtype=torch.float32)[None, :, None, :]
-    ctx.query_rows = torch.tensor([5])
-    out = var.probs(ctx, 1, probs.clone())
+    out = var.probs(_view(ctx, 1, torch.tensor([5])), probs.clone())
     freed = 0.4 * (0.5 + 0.2000015)  # sinks keep p = 0.6 of theirs
     rest = 0.1 + 0.05 + 0.0499985  # the non-sink image tokens, in proportion
     expected = torch.tensor([0.3, 0.1 + freed * 0.1 / rest, 0.6 * 0.2000015, 0.05 + freed * 0.05 / rest,

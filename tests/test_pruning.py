@@ -38,7 +38,8 @@ class EveryOther(Method):
         self.at, self.drops_tokens = set(at), drop
         self.seen: list[tuple[int, int, int]] = []
 
-    def select(self, ctx, layer, hidden):
+    def select(self, ctx, hidden):
+        layer = ctx.layer
         if layer not in self.at:
             return None
         image = ctx.live_image_mask()
@@ -50,7 +51,7 @@ class EveryOther(Method):
 def _forward(model, inputs, method):
     with torch.no_grad(), attnkit.wrap(model, method) as handle:
         out = model(**inputs, use_cache=True)
-        drops = list(handle.ctx.drops)
+        drops = list(handle.state.drops)
     return out, drops
 
 
@@ -128,7 +129,7 @@ def test_positions_after_drop_are_the_original_positions_of_kept_tokens(family):
         with torch.no_grad(), attnkit.wrap(model, EveryOther(at)) as handle:
             hooks.append(layer.register_forward_pre_hook(on_layer, with_kwargs=True))  # after attnkit's hook
             model(**inputs)
-            kept = handle.ctx.drops[-1][1]
+            kept = handle.state.drops[-1][1]
     finally:
         for h in hooks:
             h.remove()
@@ -163,7 +164,8 @@ class Probe(Method):
     def layers(self, ctx):
         return {self.layer}
 
-    def observe(self, ctx, layer, probs):
+    def observe(self, ctx, probs):
+        layer = ctx.layer
         self.seen.append((ctx.q_len, ctx.past_len, ctx.kv_len, int(ctx.image_mask_kv().sum()), probs.shape[-1]))
 
 
@@ -172,7 +174,7 @@ def test_methods_of_later_layers_see_the_compacted_sequence():
     probe = Probe(3)
     with torch.no_grad(), attnkit.wrap(model, [EveryOther({2}), probe]) as handle:
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        kept = handle.ctx.drops[-1][1].shape[1]
+        kept = handle.state.drops[-1][1].shape[1]
     n_image = int(get_adapter(model).image_mask(inputs["input_ids"]).sum())
     image_left = n_image - n_image // 2  # both rows: every other image token dropped
     assert probe.seen[0] == (kept, 0, kept, image_left, kept)
@@ -184,7 +186,8 @@ def test_drop_errors():
     model, inputs = _deep("llava")
 
     class Uneven(EveryOther):
-        def select(self, ctx, layer, hidden):
+        def select(self, ctx, hidden):
+            layer = ctx.layer
             keep = super().select(ctx, layer, hidden)
             if keep is not None:
                 keep[0, -1] = False  # row 0 loses one more token

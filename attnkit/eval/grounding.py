@@ -43,25 +43,25 @@ class AnswerAttention(Method):
     name = "answer_attention"
     Config = AnswerAttentionConfig
 
-    def begin_forward(self, ctx: Any) -> None:
-        if ctx.is_prefill:
-            self.prompt_len = ctx.kv_len
+    def begin_forward(self, view: Any) -> None:
+        if view.is_prefill:
+            self.prompt_len = view.kv_len
             self.steps: list[torch.Tensor] = []
             self.layer_counts: list[int] = []
-        self.steps.append(torch.zeros(ctx.batch_size, self.prompt_len))
+        self.steps.append(torch.zeros(view.batch_size, self.prompt_len))
         self.layer_counts.append(0)
 
-    def layers(self, ctx: Any) -> set[int] | None:
+    def layers(self, view: Any) -> set[int] | None:
         return None if self.config.layers is None else set(self.config.layers)
 
-    def rows(self, ctx: Any, layer: int) -> torch.Tensor | None:
-        return torch.tensor([ctx.q_len - 1]) if ctx.q_len > 1 else None
+    def rows(self, view: Any) -> torch.Tensor | None:
+        return torch.tensor([view.q_len - 1]) if view.q_len > 1 else None
 
-    def observe(self, ctx: Any, layer: int, probs: torch.Tensor) -> None:
-        # The eager path may hand over the rows in several chunks (when another method asks for
-        # every row): only the chunk holding the answering row (the forward's last) counts.
-        rows = ctx.query_rows
-        last = ctx.q_len - 1
+    def observe(self, view: Any, probs: torch.Tensor) -> None:
+        # The kernel may hand over the rows in several blocks (when another method asks for
+        # every row): only the block holding the answering row (the forward's last) counts.
+        rows = view.rows
+        last = view.q_len - 1
         if rows is not None:
             hit = (rows == last).nonzero()
             if hit.numel() == 0:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .context import ForwardContext
+from .context import View
 from .dispatch import NAME
+from .kernel import KernelOptions
 from .manager import Handle
 
-__all__ = ["NAME", "ForwardContext", "Handle"]
+__all__ = ["NAME", "Handle", "KernelOptions", "View"]

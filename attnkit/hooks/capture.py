@@ -17,6 +17,7 @@ import torch
 
 from ..errors import TransformersCompatError
 from .compat import AttentionInterface, Cache, get_impl, set_impl, where
+from .kernel import attention_probs, bool_mask
 
 NAME = "attnkit_capture"
 SPEC_ATTR = "_attnkit_capture"
@@ -26,26 +27,18 @@ def _capture(module: torch.nn.Module, query, key, value, attention_mask, dropout
     spec: dict[str, Any] = getattr(module, SPEC_ATTR)
     rows: torch.Tensor = spec["rows"].to(query.device)
     bsz, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
     if scaling is None:
         scaling = dim**-0.5
-    q = query[:, :, rows] * scaling
-    k = key.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else key
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     kv_len = key.shape[2]
     if attention_mask is None:
         visible = (torch.arange(kv_len, device=query.device)[None, :] <= rows[:, None])[None, None]
     else:
-        mask = attention_mask[:, :, rows] if attention_mask.shape[2] > 1 else attention_mask
-        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        visible = bool_mask(attention_mask[:, :, rows] if attention_mask.shape[2] > 1 else attention_mask, 1, kv_len,
+                            query.device)
     keep = spec.get("keep")
     if keep is not None:
         visible = visible & keep[:, None, None, :kv_len].to(visible.device)
-    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    spec["probs"] = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    spec["probs"] = attention_probs(query[:, :, rows], key, visible, scaling, kwargs.get("softcap"))
     return query.new_zeros(bsz, q_len, heads, dim), None
 
 

@@ -1,4 +1,4 @@
-"""Hook manager: wraps one model with a list of methods and gives it back intact on remove().
+"""Hook manager: the Handle wraps one model with a list of methods and gives it back intact on remove().
 
 What wrapping does, and what remove() undoes:
 
@@ -6,15 +6,17 @@ What wrapping does, and what remove() undoes:
    transformers' AttentionInterface / AttentionMaskInterface under the name "attnkit";
 2. sets the language sub-config's attention implementation to "attnkit" (vision towers
    keep theirs), after saving the implementation of every config in the model;
-3. marks each language-model attention module with its Handle (so state is per handle,
-   never global);
-4. adds torch hooks: a forward pre-hook on the model that checks the model still routes its
-   attention through attnkit and notes whether the forward returns attention weights, and, with
-   active methods, refreshes the ForwardContext (and appends the image-free branch rows when a
-   method asks for them, see branch.py); decoder-layer pre-hooks for ``select``; a forward hook for
-   ``logits`` (which also drops the branch rows).
+3. marks the model and each language-model attention module with its Handle (``set_attr``: so state
+   is per handle, never global);
+4. calls each method's ``attach`` (where a method adds the torch hooks it needs, through ``add_hook``),
+   then adds its own torch hooks: a forward pre-hook on the model that checks the model still routes
+   its attention through attnkit and notes whether the forward returns attention weights, and, with
+   active methods, reads the forward into the ForwardState (and appends the contrast rows a method
+   asks for, see branch.py); decoder-layer pre-hooks for ``select``; a forward hook for ``logits``
+   (which also drops the contrast rows).
 
-Every read of a forward's arguments goes through compat.py (the cache by type, lengths
+Every hook and temporary attribute goes through ``add_hook`` / ``set_attr``, so remove() takes off
+exactly what the handle added, in one place. Every read of a forward's arguments goes through compat.py (the cache by type, lengths
 cross-checked), so a transformers release that passes them differently raises instead of
 misleading the methods.
 """
@@ -37,7 +39,8 @@ from ..errors import (
 from . import capture, compat, dispatch
 from .compat import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from .branch import TextBranch
-from .context import ForwardContext
+from .context import ForwardState, View
+from .kernel import KernelOptions, Roles
 
 if TYPE_CHECKING:
     from ..methods.base import Method
@@ -70,7 +73,14 @@ def _all_configs(model: torch.nn.Module) -> list[Any]:
 class Handle:
     """A wrapped model. Use as a context manager, or call remove() to restore the original."""
 
-    def __init__(self, model: torch.nn.Module, methods: list[Method], adapter: Adapter) -> None:
+    def __init__(
+        self, model: torch.nn.Module, methods: list[Method], adapter: Adapter, options: KernelOptions | None = None
+    ) -> None:
+        for m in methods:
+            if m.families is not None and adapter.family not in m.families:
+                raise UnsupportedModelError(
+                    f"{m.name}: family {adapter.family!r} is not supported (supported: {', '.join(m.families)})"
+                )
         if getattr(model, dispatch.HANDLE_ATTR, None) is not None:
             raise AlreadyWrappedError(
                 f"{type(model).__name__} is already wrapped by attnkit; call handle.remove() before wrapping again"
@@ -78,7 +88,10 @@ class Handle:
         self.model = model
         self.adapter = adapter
         self.methods = list(methods)
-        self.ctx = ForwardContext(
+        #: tuning of the kernel (see KernelOptions); may be changed between forwards
+        self.options = options if options is not None else KernelOptions()
+        #: the forward in progress (written here only; methods get Views of it)
+        self.state = ForwardState(
             num_layers=adapter.num_layers,
             num_heads=adapter.num_heads,
             num_kv_heads=adapter.num_kv_heads,
@@ -87,13 +100,13 @@ class Handle:
         self._torch_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._hook_owners: list[tuple[Any, torch.nn.Module, str]] = []
         self._attrs: list[tuple[Any, str, bool, Any]] = []  # set_attr: (object, name, had it, old value)
-        self._marked: list[torch.nn.Module] = []
         self._saved_impl: list[tuple[Any, Any]] = []  # every config's attention implementation before wrap()
         self._set_impl: list[tuple[Any, Any]] = []  # what wrap() left in each (remove() keeps later changes)
-        self._routes: list[list[Method]] = [[] for _ in range(adapter.num_layers)]
-        self._layer: tuple | None = None  # during select callbacks: (decoder layer, positions, its inputs)
+        self._routes: list[Roles | None] = [None] * adapter.num_layers
+        self._roles: dict[tuple, Roles] = {}  # Roles per distinct list of methods
+        self._layer: tuple | None = None  # during select callbacks: (decoder layer, its index, its inputs)
         self._gathered: dict = {}  # drop mode: the layer inputs gathered in this forward
-        self._branch = TextBranch(adapter) if any(m.text_branch for m in self.methods) else None
+        self._branch = self._contrast_rows()
         #: Whether the forward in progress returns attention weights (output_attentions by argument or config).
         self.want_weights = False
         #: Layers whose attention ran in the forward in progress (see dispatch._check_call).
@@ -152,11 +165,9 @@ class Handle:
         self._saved_impl = [(cfg, compat.get_impl(cfg)) for cfg in configs]
         self._configs = [self.model.config, self.adapter.text_config]
         try:
-            setattr(self.model, dispatch.HANDLE_ATTR, self)
-            self._marked.append(self.model)
+            self.set_attr(self.model, dispatch.HANDLE_ATTR, self)
             for attn in self.adapter.attention_modules():
-                setattr(attn, dispatch.HANDLE_ATTR, self)
-                self._marked.append(attn)
+                self.set_attr(attn, dispatch.HANDLE_ATTR, self)
             self.model.set_attn_implementation({self.adapter.text_config_key: dispatch.NAME})
             if self.adapter.text_config._attn_implementation != dispatch.NAME:
                 raise UnsupportedModelError(
@@ -165,11 +176,12 @@ class Handle:
                 )
             self._set_impl = [(cfg, compat.get_impl(cfg)) for cfg, _ in self._saved_impl]
             for m in self.methods:
+                m._states = self.state.states  # Method.state(): per-generation state, owned by the handle
                 m.attach(self)
             # always: the bypass check and output_attentions; with methods also the ForwardContext
             self.add_hook(self.adapter.context_module(), self._on_forward, pre=True, with_kwargs=True)
             if self.methods:
-                self._route(self.ctx)
+                self._route(View(self.state))
             if any(m.select is not None for m in self.methods):
                 for i, layer in enumerate(self.adapter.decoder_layers()):
                     self.add_hook(layer, self._make_select_hook(i), pre=True, with_kwargs=True)
@@ -210,10 +222,6 @@ class Handle:
             elif name in obj.__dict__:
                 delattr(obj, name)
         self._attrs.clear()
-        for mod in self._marked:
-            if mod.__dict__.get(dispatch.HANDLE_ATTR) is self:
-                delattr(mod, dispatch.HANDLE_ATTR)
-        self._marked.clear()
         ours = {id(cfg): impl for cfg, impl in self._set_impl}
         kept = []
         for cfg, impl in self._saved_impl:
@@ -241,25 +249,49 @@ class Handle:
         return f"Handle({type(self.model).__name__}, methods={self.methods}, {state})"
 
     # -- per-forward routing ---------------------------------------------------------------
-    def methods_for_layer(self, layer: int) -> list[Method]:
-        """Active methods that need the eager path at ``layer`` in the current forward."""
+    @property
+    def ctx(self) -> View:
+        """A read-only view of the forward in progress (the whole sequence)."""
+        return View(self.state)
+
+    def roles_for_layer(self, layer: int) -> Roles | None:
+        """The roles of the methods active at ``layer`` in the current forward, or None (fused sdpa)."""
         return self._routes[layer]
 
-    def _route(self, ctx: ForwardContext) -> None:
-        routes: list[list[Method]] = [[] for _ in range(ctx.num_layers)]
+    def methods_for_layer(self, layer: int) -> list[Method]:
+        roles = self._routes[layer]
+        return [] if roles is None else roles.methods
+
+    def _route(self, view: View) -> None:
+        per: list[list[Method]] = [[] for _ in range(view.num_layers)]
         for m in self.methods:
             if not m.attention_callbacks():
                 continue
-            layers = m.layers(ctx)
-            for i in range(ctx.num_layers) if layers is None else sorted(layers):
-                if 0 <= i < ctx.num_layers:
-                    routes[i].append(m)
+            layers = m.layers(view)
+            for i in range(view.num_layers) if layers is None else sorted(layers):
+                if 0 <= i < view.num_layers:
+                    per[i].append(m)
+        routes: list[Roles | None] = []
+        for ms in per:
+            key = tuple(id(m) for m in ms)
+            if ms and key not in self._roles:
+                self._roles[key] = Roles(ms)
+            routes.append(self._roles[key] if ms else None)
         self._routes = routes
+
+    def _contrast_rows(self) -> TextBranch | None:
+        """The contrast rows the methods declare (one variant per wrapped model)."""
+        kinds = {m.contrast.kind for m in self.methods if m.contrast is not None}
+        if not kinds:
+            return None
+        if len(kinds) > 1:
+            raise MethodArgumentError(f"methods ask for different contrast rows ({', '.join(sorted(kinds))}); one per model")
+        return TextBranch(self.adapter)
 
     def _past_len(self, cache_len: int) -> int:
         """The whole sequence's past length from the cache's (its first layer's) length: when the last
         prefill dropped tokens before layer 0, that layer's cache holds only the kept ones."""
-        ctx = self.ctx
+        ctx = self.state
         if cache_len == 0 or not ctx.drops:
             return cache_len
         pos = ctx.positions_for_layer(0)
@@ -276,8 +308,7 @@ class Handle:
         if not self.methods:
             return None
         self.ran = set()
-        ctx = self.ctx
-        ctx.enter_layer(-1)  # the whole-sequence view, if the last forward ended in a dropped layer's
+        ctx = self.state
         seen = compat.read_forward(args, kwargs)
         input_ids, attn, q_len = seen.input_ids, seen.attention_mask, seen.q_len
         past_len = self._past_len(seen.cache_len)
@@ -302,7 +333,8 @@ class Handle:
             ctx.is_prefill = True
             ctx.step = 0
             ctx.keep = []
-            ctx.store.clear()
+            for st in ctx.states.values():  # Method.state(): a new generation (the dicts stay bound)
+                st.clear()
             if input_ids is not None:
                 image_mask = self.adapter.image_mask(input_ids)
             else:
@@ -315,35 +347,35 @@ class Handle:
         else:
             ctx.is_prefill = False
             ctx.step += 1
-        ctx.branch_rows = main_batch if self._branch is not None else 0
+        ctx.contrast_rows = main_batch if self._branch is not None else 0
         if ctx.is_prefill:
             ctx.prompt_len = q_len
             ctx.drops = []
             ctx.renumber_from = None
         ctx.begin()
         self._gathered = {}
+        view = View(ctx)
         for m in self.methods:
-            m.begin_forward(ctx)
-        self._route(ctx)
+            m.begin_forward(view)
+        self._route(view)
         return changed
 
     def _make_select_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            ctx = self.ctx
-            ctx.enter_layer(layer)
+            ctx = self.state
             hidden = args[0] if args else kwargs["hidden_states"]
             pos = ctx.positions_for_layer(layer)
             dropped = False
             if ctx.is_prefill:
                 renumber = ctx.renumbered(layer)
                 self._layer = (
-                    module, pos, kwargs if pos is None else self._shrink_layer_inputs((), kwargs, None, pos, renumber)[1]
+                    module, layer, kwargs if pos is None else self._shrink_layer_inputs((), kwargs, None, pos, renumber)[1]
                 )
                 try:
                     for m in self.methods:
                         if m.select is None:
                             continue
-                        keep = m.select(ctx, layer, hidden)
+                        keep = m.select(View(ctx, layer, attend=self._attend if self._layer else None), hidden)
                         if keep is None:
                             continue
                         if m.drops_tokens:
@@ -372,20 +404,20 @@ class Handle:
 
         return hook
 
-    def layer_attention(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """From a ``select`` callback: (B, H, r, K) fp32 attention probabilities of the query ``rows``
-        that the layer about to run would compute for ``hidden`` (its own Q/K, mask and RoPE, and the
-        keys masked by earlier mask-mode pruning). Computes no attention output and writes no cache."""
+    def _attend(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """View.attention() in a select callback: (B, H, r, K) fp32 probabilities of the query ``rows`` that the
+        layer about to run would compute for ``hidden`` (its own Q/K, mask and RoPE, and the keys masked by
+        earlier mask-mode pruning). Computes no attention output and writes no cache."""
         if self._layer is None:
-            raise RuntimeError("layer_attention() can only be called from a select() callback, before any drop")
-        module, _, kwargs = self._layer
-        keep = self.ctx.keep_for_layer(self.ctx.layer) if self.ctx.keep else None
+            raise RuntimeError("View.attention() can only be called from a select() callback, before any drop")
+        module, layer, kwargs = self._layer
+        keep = self.state.keep_for_layer(layer) if self.state.keep else None
         return capture.layer_attention(self.adapter.text_config, module, hidden, kwargs, rows, keep)
 
     # -- token dropping (see ForwardContext.enter_layer) ---------------------------------------
     def _original_keep(self, layer: int, keep: torch.Tensor) -> torch.Tensor:
         """A mask-mode keep over the layer's (possibly compacted) keys -> over original prompt positions."""
-        ctx = self.ctx
+        ctx = self.state
         keep = keep[:, : ctx.prompt_len]
         pos = ctx.positions_for_layer(layer)
         if pos is None:
@@ -396,8 +428,8 @@ class Handle:
     def _drop(self, method: Method, layer: int, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Remove the rows of ``hidden`` that ``keep`` (B, n) bool leaves out, from ``layer`` on; or, for a
         method that renumbers positions, keep the rows ``keep`` (B, m) long lists, in that order."""
-        ctx = self.ctx
-        if ctx.branch_rows:
+        ctx = self.state
+        if ctx.contrast_rows:
             raise MethodArgumentError(
                 f"{method.name}: mode='drop' cannot run with a method that adds image-free branch rows "
                 "(PAI's cfg_gamma); use mode='mask'"
@@ -431,7 +463,6 @@ class Handle:
         if method.renumbers_positions and ctx.renumber_from is None:
             ctx.renumber_from = layer
         ctx.drops.append((layer, cur.to(local.device).gather(1, local)))
-        ctx.enter_layer(layer)
         return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
 
     @staticmethod
@@ -474,7 +505,7 @@ class Handle:
                     f"{self.adapter.family}: the rotary module does not reproduce the position embeddings decoder "
                     f"layer {layer} received ({compat.where()}); positions='official' cannot renumber"
                 )
-            shifted = ids - (self.ctx.prompt_len - pos.shape[1])
+            shifted = ids - (self.state.prompt_len - pos.shape[1])
             hit = self._gathered[tag] = (emb, shifted, tuple(self.adapter.rotary_embeddings(layer, hidden, shifted)))
         return dict(kwargs, position_ids=hit[1], position_embeddings=hit[2])
 
@@ -516,7 +547,7 @@ class Handle:
         kept tokens take the positions of a prompt of n tokens, i.e. the first n of the whole sequence's
         (padding is never dropped and stays at the ends of its row, so those are the positions the
         shortened prompt would get), and the mask is the causal, padded mask of the layer's own order."""
-        ctx = self.ctx
+        ctx = self.state
         bsz, n = pos.shape
         if key == "position_embeddings":
             return tuple(self._gather_input("rotary", v, pos, renumber) for v in value)
@@ -541,7 +572,7 @@ class Handle:
         # attention mask (B|1, 1|H, q, kv): rows (prefill) and key columns
         if value.dim() != 4:
             raise UnsupportedModelError(f"{self.adapter.family}: cannot drop tokens with a {value.dim()}-D attention mask")
-        total = ctx.full["past_len"] + ctx.full["q_len"]
+        total = ctx.kv_len
         if value.shape[-1] != total:
             names = ",".join(m.name for m in self.methods if m.drops_tokens)
             window = getattr(self.adapter.text_config, "sliding_window", None) or value.shape[-1]
@@ -553,16 +584,21 @@ class Handle:
         return x.gather(3, cols.view(bsz, 1, 1, -1).expand(bsz, x.shape[1], x.shape[2], cols.shape[1]))
 
     def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        """The logits roles, then the user's rows only (the contrast rows never leave)."""
         logits = getattr(output, "logits", None)
         if logits is None:
             return output
-        for m in self.methods:
-            if m.logits is not None:
-                logits = m.logits(self.ctx, logits)
-        if self.ctx.branch_rows and logits.shape[0] == self.ctx.batch_size:
-            logits = logits[: self.ctx.main_batch]
+        state = self.state
+        contrast = None
+        if state.contrast_rows and logits.shape[0] == state.batch_size:
+            main = state.batch_size - state.contrast_rows
+            logits, contrast = logits[:main], logits[main:]
             weights = getattr(output, "attentions", None)
             if weights:
-                output.attentions = tuple(w[: self.ctx.main_batch] if w is not None else w for w in weights)
+                output.attentions = tuple(w[:main] if w is not None else w for w in weights)
+        view = View(state)
+        for m in self.methods:
+            if m.logits is not None:
+                logits = m.logits(view, logits) if m.contrast is None else m.logits(view, logits, contrast)
         output.logits = logits
         return output

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .act import ACT, ACTConfig
-from .base import Method, MethodConfig, check_int, check_range
+from .base import Contrast, Method, MethodConfig, check_int, check_range
 from .fastv import FastV, FastVConfig
 from .hiprune import HiPrune, HiPruneConfig
 from .identity import Identity, IdentityConfig
@@ -15,6 +15,7 @@ from .visionzip import VisionZip, VisionZipConfig
 from .registry import get_method_class, list_methods, make_method, register
 
 __all__ = [
+    "Contrast",
     "ACT",
     "ACTConfig",
     "FastV",

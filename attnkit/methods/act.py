@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodArgumentError
-from ..hooks.context import ForwardContext
+from ..hooks.context import View
 from .base import Method, MethodConfig, check_int, check_range
 from .registry import register
 
@@ -69,7 +69,7 @@ class ACT(Method):
     attention over the rows that can see it exceeds ``threshold``; its attention is multiplied by
     ``beta`` and the freed mass goes to the other columns of each row in proportion to their
     attention (rows still sum to 1). The column means need all rows of the layer before any row is
-    rewritten: the eager path makes a read-only pass first (``collect``). At a decode step the means
+    rewritten: the kernel gives the column statistics first (``column_stats``). At a decode step the means
     run over every row so far (prompt and generated tokens, each counted once with the probabilities
     it had when it was the new row); the official code, evaluated on whole sequences, takes them over
     the rows of the current forward, which with a KV cache would be the new token's single row.
@@ -97,7 +97,6 @@ class ACT(Method):
     def __init__(self, config: ACTConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._heads: dict[int, torch.Tensor] = {}
-        self._key = f"act:{id(self)}"
 
     def attach(self, handle) -> None:
         n, n_heads = handle.adapter.num_layers, handle.adapter.num_heads
@@ -120,55 +119,42 @@ class ACT(Method):
             mask[heads] = True
             self._heads[layer] = mask
 
-    def layers(self, ctx: ForwardContext) -> set[int]:
+    def layers(self, view: View) -> set[int]:
         return set(self._heads)
 
-    def _stats(self, ctx: ForwardContext, layer: int, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def _stats(self, view: View, heads: int, device: torch.device) -> dict[str, torch.Tensor]:
         """This layer's running column sums (B, H, cap) and visible-row counts (B, 1, cap), cap >= kv_len,
         and which columns may be sinks at all (B, H, cap): the selected heads, never the first token
         (with spare="first_token")."""
-        store = ctx.store.get(self._key)
-        if store is None:
-            store = ctx.store[self._key] = {}
-        st = store.get(layer)
-        kv = ctx.kv_len
+        store = self.state(view)
+        st = store.get(view.layer)
+        kv = view.kv_len
         if st is not None and st["sum"].shape[-1] >= kv:
             return st
         cap = kv + 256
+        bsz = view.batch_size
         if st is None:
-            st = {"sum": torch.zeros(ctx.batch_size, heads, cap, device=device),
-                  "count": torch.zeros(ctx.batch_size, 1, cap, device=device)}
+            st = {"sum": torch.zeros(bsz, heads, cap, device=device), "count": torch.zeros(bsz, 1, cap, device=device)}
         else:
             grow = cap - st["sum"].shape[-1]
             st["sum"] = torch.nn.functional.pad(st["sum"], (0, grow))
             st["count"] = torch.nn.functional.pad(st["count"], (0, grow))
-        allowed = self._heads[layer].to(device)[None, :, None].expand(ctx.batch_size, heads, cap).clone()
+        allowed = self._heads[view.layer].to(device)[None, :, None].expand(bsz, heads, cap).clone()
         if self.config.spare == "first_token":  # (first_sink: each head's first sink is spared in _sinks)
-            if ctx.attention_mask is not None:
-                first = ctx.attention_mask.float().argmax(1).to(device)  # the row's first real token
+            if view.attention_mask is not None:
+                first = view.attention_mask.float().argmax(1).to(device)  # the row's first real token
             else:
-                first = torch.zeros(ctx.batch_size, dtype=torch.long, device=device)
-            allowed[torch.arange(ctx.batch_size, device=device), :, first] = False
+                first = torch.zeros(bsz, dtype=torch.long, device=device)
+            allowed[torch.arange(bsz, device=device), :, first] = False
         st["allowed"] = allowed
-        store[layer] = st
+        store[view.layer] = st
         return st
 
-    def collect(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> None:
-        """The running column sums from a chunk of probabilities (the plain path; same as column_sums)."""
-        bsz, heads, rows, width = probs.shape
-        st = self._stats(ctx, layer, heads, probs.device)
-        if rows == 1:  # a decode step: the row itself
-            st["sum"][..., :width] += probs.view(bsz, heads, width)
-        else:
-            st["sum"][..., :width] += probs.float().sum(2)
-        if ctx.visible is None:
-            st["count"][..., :width] += rows
-        else:
-            st["count"][..., :width] += ctx.visible.sum(2, dtype=torch.float32)
-
-    def column_sums(self, ctx: ForwardContext, layer: int, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    def column_stats(self, view: View, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """The running column sums: every row so far, each counted once (prompt rows at prefill, then
+        each decode step's new row)."""
         width = sums.shape[-1]
-        st = self._stats(ctx, layer, sums.shape[1], sums.device)
+        st = self._stats(view, sums.shape[1], sums.device)
         st["sum"][..., :width] += sums
         st["count"][..., :width] += counts
 
@@ -181,46 +167,22 @@ class ACT(Method):
             sink.scatter_(-1, sink.float().argmax(-1, keepdim=True), False)  # (a head without sinks: no-op)
         return sink
 
-    def sparse_columns(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
-        """The column rewrite's special columns: every column that is a sink in some row and head."""
-        store = ctx.store.get(self._key)
-        st = None if store is None else store.get(layer)
+    def columns(self, view: View) -> torch.Tensor | None:
+        """The calibrated columns: every column that is a sink in some row and head."""
+        st = self.state(view).get(view.layer)
         if st is None:
             return None
-        sink = self._sinks(st, ctx.kv_len)
+        sink = self._sinks(st, view.kv_len)
         cols = sink.any(1).any(0).nonzero().flatten()
-        st["sparse"] = (cols, sink[..., cols])  # (B, H, n) for sparse_probs
+        st["sparse"] = sink[..., cols]  # (B, H, n): which of them are sinks in each head
         return cols
 
-    def sparse_probs(
-        self, ctx: ForwardContext, layer: int, probs: torch.Tensor, cols: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rewrite of ``probs`` in column form: rows sum to 1, so with S the row's sink mass the other
-        columns get (1 - beta * S) / (1 - S) and the sinks beta."""
-        st = ctx.store[self._key][layer]
-        s = st["sparse"][1][:, :, None, :].to(probs.dtype)  # (B, H, 1, n)
-        mass = (probs * s).sum(-1, keepdim=True)
+    def reweight(self, view: View, p_cols: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows sum to 1, so with S the row's sink mass the sinks get beta and the other columns
+        (1 - beta * S) / (1 - S); a row with nothing else keeps its sinks."""
+        s = self.state(view)[view.layer]["sparse"][:, :, None, :].to(p_cols.dtype)  # (B, H, 1, n)
+        mass = (p_cols * s).sum(-1, keepdim=True)
         rest = 1.0 - mass
-        beta = torch.where(rest > 0, self.config.beta, 1.0)  # a row with nothing else keeps its sinks
+        beta = torch.where(rest > 0, self.config.beta, 1.0)
         others = (1.0 - beta * mass) / rest.clamp_min(1e-12)
-        return others, probs * torch.addcmul(others, s, beta - others)
-
-    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        store = ctx.store.get(self._key)
-        st = None if store is None else store.get(layer)
-        if st is None:
-            return probs
-        sink = self._sinks(st, probs.shape[-1])
-        if not bool(sink.any()):
-            return probs
-        p = probs.float()  # the same tensor for fp32 probabilities: rewritten in place
-        bsz, heads, rows, width = p.shape
-        s = sink.to(p.dtype)[..., None]  # (B, H, K, 1)
-        mass = torch.matmul(p, s)  # (B, H, r, 1) on the sinks, without a (r, K) temporary
-        total = p.sum(-1, keepdim=True)
-        rest = total - mass
-        beta = torch.where(rest > 0, self.config.beta, 1.0)  # a row with nothing else keeps its sinks
-        others = (total - beta * mass) / rest.clamp_min(1e-12)  # so that the row keeps its sum
-        # factor: beta on the sink columns, `others` elsewhere (one (r, K) temporary)
-        p.mul_(torch.addcmul(others, s.transpose(2, 3), beta - others))
-        return p.to(probs.dtype)
+        return others, p_cols * torch.addcmul(others, s, beta - others)

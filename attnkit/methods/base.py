@@ -1,14 +1,17 @@
-"""Method base class and the callback contract the hook manager calls.
+"""The method contract: what a method declares and the roles the hook manager calls.
 
-A method is a config dataclass (validated on construction) plus a class with the
-callbacks it needs. Every callback is optional; the manager only routes a layer
-through the eager path when some active method has an attention-level callback for
-it (``scores``, ``probs``, ``head_output``, ``observe``), so an unused layer keeps the
-fused sdpa kernel.
+A method is a config dataclass (validated on construction, see config.py) plus a subclass of
+``Method`` that defines the roles it needs. This file is all a method author has to read.
+
+Every callback gets a ``View`` (attnkit.hooks.context): a read-only view of the forward and, in the
+attention roles, of the call (``view.layer``, ``view.rows``, ``view.visible``, the layer's own
+``q_len``/``kv_len``/``image_mask``/``attention_mask`` after pruning). Per-generation state lives in
+one place: ``self.state(view)``, a dict emptied at every prefill and kept across its decode steps.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -17,105 +20,120 @@ from ..errors import MethodArgumentError
 from .config import MethodConfig, build_config, check_int, check_range  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from ..hooks.context import ForwardContext
+    from ..hooks.context import View
     from ..hooks.manager import Handle
+
+#: The attention-level roles: a layer runs through attnkit's kernel only where an active method has one.
+ATTENTION_ROLES = ("scores", "column_stats", "probs", "columns", "observe", "head_output")
+#: Every role a method may define (see Method).
+ROLES = ATTENTION_ROLES + ("reweight", "select", "logits")
+#: The batch variants a method may ask for as contrast rows (see Contrast).
+CONTRAST_KINDS = ("no_image",)
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A variant of the user's batch that runs alongside it, as extra rows of the same forward with their
+    own KV cache; the method's ``logits`` role gets the variant's logits, and the rows never reach the
+    user (logits, attentions and generated tokens are the user's rows only).
+
+    ``kind="no_image"``: the same prompts without their images (the image tokens removed, the rows
+    left-padded to the prompt's length), as PAI's classifier-free guidance step uses them. Other kinds
+    (altered pixel values, altered prompts) are not implemented yet and raise here.
+    """
+
+    kind: str = "no_image"
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTRAST_KINDS:
+            raise MethodArgumentError(
+                f"contrast kind {self.kind!r} is not supported (supported: {', '.join(CONTRAST_KINDS)})"
+            )
 
 
 class Method:
-    """A training-free intervention. Subclasses set ``name``, ``Config`` and the callbacks they need.
+    """A training-free intervention. Subclasses set ``name``, ``Config`` and define the roles they need.
 
-    Callbacks (all optional, all receive the handle's ForwardContext):
+    Declarations (class attributes; instances may override):
+    ``neutral`` config arguments with which the method changes nothing; ``families`` the supported
+    model families (None = all); ``contrast`` a Contrast to run as extra rows (None = none);
+    ``drops_tokens`` / ``renumbers_positions`` for token selection (below).
 
-    - ``scores(ctx, layer, scores) -> scores``: pre-softmax logits (B, H, r, K'), mask already added.
-    - ``collect(ctx, layer, probs) -> None``: read-only first pass over the probabilities of every
-      requested row (after ``scores`` callbacks, before any ``probs`` callback of the layer), for
-      rewrites that need statistics over all rows (ACT's column means). Costs a second QK^T when
-      the rows do not fit in one chunk; ``scores`` callbacks then run twice and must be pure.
-    - ``column_sums(ctx, layer, sums, counts) -> None``: read-only statistics over every requested row,
-      before any rewrite of the layer: ``sums`` (B, H, K') fp32, the probability each key column gets
-      summed over the rows; ``counts`` (B|1, 1, K') fp32, how many of the rows see the column. May be
-      called once per row chunk (add them up). Cheaper than ``collect`` on the column path (below),
-      which computes them in one scores-and-softmax pass without P@V. A method may define both
-      (``collect`` for the plain path, e.g. for callers that hand it probabilities); the dispatcher
-      then calls exactly one of them per chunk.
-    - ``probs(ctx, layer, probs) -> probs``: post-softmax probabilities (B, H, r, K').
-    - Column rewrite, ``sparse_columns(ctx, layer) -> cols | None`` and ``sparse_probs(ctx, layer,
-      probs_j, cols) -> (factor, new_j)``: declares that the method's ``probs`` rewrite has the form
-      P'[i, j] = factor_i * P[i, j] on every key column except a few special ones ``cols`` (a 1-D long
-      tensor of key positions, sorted, distinct, shared by the batch, asked for after ``column_sums``;
-      None or empty = nothing changes),
-      where it gives the new values. ``probs_j`` (B, H, r, |cols|, fp32) holds the probabilities at
-      those columns (0 where a row cannot see the column; a row that sees no key is all 0), each row
-      of the full P summing to 1; ``factor`` is (B, H, r, 1) and ``new_j`` (B, H, r, |cols|).
-      ``ctx.visible`` is then the (B|1, 1, r, |cols|) visibility of the columns or None.
-      When every method of a layer allows it (no ``scores``, ``observe``, ``head_output``, ``collect``
-      without ``column_sums``, ``probs`` without a column rewrite, at most one column rewrite; no
-      softcap, dropout or output_attentions) and at least COLUMN_MIN_ROWS rows are requested, the
-      dispatcher takes the column path: one pass per row chunk gives the scores, softmax, column
-      sums, P@V and each row's logsumexp; P at ``cols`` is recomputed from q.k_j and the logsumexp,
-      and the output is corrected as out'_i = factor_i * out_i + sum_{j in cols} (new_ij - factor_i *
-      P_ij) V_j (rows whose factor exceeds dispatch.COLUMN_MAX_FACTOR are computed again with
-      ``probs`` on full rows: the correction's rounding grows with the factor). Otherwise it calls
-      ``probs``, which must give the same result (the tests compare both paths).
-    - ``head_output(ctx, layer, out) -> out``: per-head attention output (B, q, H, D) before o_proj.
-    - ``observe(ctx, layer, probs) -> None``: read-only look at the final probabilities.
+    Routing: ``layers(view)`` the layers whose attention the roles need in this forward (None = all) and
+    ``rows(view)`` the query rows that need probabilities at ``view.layer`` (sorted distinct indices
+    among the forward's new tokens; None = all; a decode step's single row is always computed). Other
+    layers and rows keep the fused sdpa kernel.
 
-    ``scores`` and ``probs`` callbacks may rewrite their tensor in place and return it; ``collect``
-    and ``observe`` must clone what they keep. ``rows`` returns sorted, distinct indices.
+    Attention roles (all optional; a role left as None is not called). Shapes: B batch (contrast rows
+    included), H query heads, r the rows of the call (``view.rows``), K' <= ``view.kv_len`` the key
+    columns [0, K') the rows can see at all (slice per-column masks with ``[..., :K']``), D head dim.
+    The kernel calls them in this order, for every block of rows:
 
-    The attention-level tensors cover a chunk of r query rows (``ctx.query_rows`` holds their
-    indices among this forward's new tokens) and the key columns [0, K'), K' <= ``ctx.kv_len``:
-    slice per-column masks with ``[..., :probs.shape[-1]]``. ``ctx.visible`` says which of those
-    keys each row may attend to.
-    - ``select(ctx, layer, hidden) -> keep | None``: called at prefill before decoder layer ``layer``
-      with its input hidden states (B, q, d); a returned (B, q) bool tensor says which prompt
-      positions stay from this layer on (pruning). With ``drops_tokens`` False they are masked out
-      as keys of this and every later layer; with it True they are removed: hidden states,
-      attention mask, rotary embeddings, position ids and the KV cache of the later layers shrink
-      (every row must keep the same count). After a drop, the context describes each layer's own
-      compacted sequence (``ForwardContext.enter_layer``), so every callback of a later layer sees
-      only the kept tokens. Kept tokens keep their original positions, unless the method sets
-      ``renumbers_positions``: then from the drop on they are renumbered 0..n-1 as a prompt of n
-      tokens would be (the attention mask causal in the new order), and at decode steps each such
-      layer's new token takes the position that follows the layer's own length (the official code of
-      PyramidDrop and SparseVLM). Such a method may also return, instead of the bool mask, a (B, n)
-      long tensor of the rows kept in their new order (SparseVLM puts its merged tokens after the
-      kept image tokens).
-    - ``logits(ctx, logits) -> logits``: rewrite the model's output logits (decoding-level methods).
+    1. ``scores(view, scores) -> scores``: pre-softmax logits (B, H, r, K'), mask applied (masked columns
+       hold the dtype's minimum). May rewrite in place.
+    2. ``column_stats(view, sums, counts) -> None``: read-only statistics over every requested row of the
+       layer, given before any ``probs`` rewrite of the layer: ``sums`` (B, H, K') fp32, the probability
+       each key column gets summed over the rows (rows that see no key add 0); ``counts`` (B|1, 1, K')
+       fp32, how many of the rows see each column. Called once per layer and forward.
+    3. ``probs(view, probs) -> probs``: post-softmax probabilities (B, H, r, K'), each visible row summing
+       to 1. May rewrite in place. Rows that see no key are set to 0 afterwards (as sdpa gives them).
+       Or, for a rewrite that changes only a few key columns, declare it in column form instead
+       (define ``columns`` and ``reweight``, not ``probs``):
+       ``columns(view) -> cols | None``: (n,) long sorted distinct key columns shared by the batch (None
+       or empty: nothing changes), asked once per layer after ``column_stats``;
+       ``reweight(view, p_cols, cols) -> (factor, new)``: with ``p_cols`` (B, H, r, n) fp32 the rows'
+       probabilities at those columns (0 where a row cannot see one), the rewrite is
+       P'[i, j] = factor_i * P[i, j] off ``cols`` and ``new[i, j]`` on them; ``factor`` (B, H, r, 1),
+       ``new`` (B, H, r, n). The kernel derives the full-row rewrite from it, and a fast form that never
+       materialises the rows' probabilities for long prefills (both tested equal).
+    4. ``observe(view, probs) -> None``: read-only look at the final probabilities (clone what you keep).
+    5. ``head_output(view, out) -> out``: per-head attention output (B, r, H, D) before o_proj.
 
-    ``layers(ctx)`` says which layers need the eager path (None = all); ``rows(ctx, layer)`` which
-    query rows need probabilities (None = all rows; fused sdpa computes the others).
+    Token selection: ``select(view, hidden) -> keep | None``, at prefill before decoder layer
+    ``view.layer`` with its input hidden states (B, q, d); ``view.attention(hidden, rows)`` gives that
+    layer's attention probabilities for ranking. A (B, q) bool keep says which prompt positions stay from
+    this layer on: masked as keys of this and every later layer, or, with ``drops_tokens``, removed
+    (hidden states, mask, rotary embeddings, position ids and the later layers' KV cache shrink; every
+    row must keep the same count; later views describe the compacted sequence). With
+    ``renumbers_positions`` the kept tokens are renumbered 0..n-1 from the drop on (the official code of
+    PyramidDrop and SparseVLM), and ``select`` may return a (B, n) long tensor of rows in a new order.
 
-    ``text_branch = True`` asks the manager to append, to every forward, the same prompts without
-    their images as extra batch rows with their own KV cache (``ctx.branch_rows``); the ``logits``
-    callbacks see both halves and the manager returns only the user's rows.
+    Decoding: ``logits(view, logits) -> logits`` rewrites the output logits (B, q, V) of the user's rows;
+    a method with a ``contrast`` gets ``logits(view, logits, contrast_logits)``, the variant's logits
+    (B, q, V) for the same rows.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    #: Set (on the class or the instance) to run the image-free branch rows alongside the batch.
-    text_branch: bool = False
     #: Config arguments with which the method changes nothing (its zero strength, e.g. PAI alpha=0): the
     #: common test suite checks that the wrapped model then equals the unwrapped one. None: no such setting.
     neutral: ClassVar[dict[str, Any] | None] = None
     #: The model families the method supports (None = every family); wrap() raises UnsupportedModelError
     #: for the others.
     families: ClassVar[tuple[str, ...] | None] = None
+    #: The batch variant to run as contrast rows (None: none).
+    contrast: Contrast | None = None
     #: Set when ``select`` removes tokens (drop mode) instead of masking them.
     drops_tokens: bool = False
     #: Set (with ``drops_tokens``) to renumber the kept tokens' positions after a drop (see ``select``).
     renumbers_positions: bool = False
 
     scores = None
-    collect = None
-    column_sums = None
+    column_stats = None
     probs = None
-    sparse_columns = None
-    sparse_probs = None
-    head_output = None
+    columns = None
+    reweight = None
     observe = None
+    head_output = None
     select = None
     logits = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if (cls.columns is None) != (cls.reweight is None):
+            raise TypeError(f"{cls.__name__}: a column rewrite needs both columns() and reweight()")
+        if cls.columns is not None and cls.probs is not None:
+            raise TypeError(f"{cls.__name__}: define probs() or the column form (columns/reweight), not both")
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
         if config is not None and kwargs:
@@ -130,28 +148,44 @@ class Method:
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self, handle: Handle) -> None:
-        """Called once by wrap(): the handle gives the adapter and model geometry."""
+        """Called once by wrap(): ``handle.adapter`` gives the model's family knowledge and geometry;
+        ``handle.add_hook`` registers any torch hook the method needs (removed by the handle)."""
 
     def detach(self) -> None:
         """Called by Handle.remove(): drop any per-model state."""
 
-    def begin_forward(self, ctx: ForwardContext) -> None:
+    def begin_forward(self, view: View) -> None:
         """Called at the start of every top-level forward (prefill or decode step)."""
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self, view: View | None = None) -> dict[str, Any]:
+        """This method's per-generation state: one dict per wrapped model, emptied at every prefill and
+        kept across the decode steps that follow. Without a view (e.g. a report after generate()), the
+        last generation's."""
+        states = getattr(self, "_states", None)
+        if states is None:
+            raise RuntimeError(f"{self.name}: not attached to a wrapped model")
+        out = states.get(self)
+        if out is None:
+            out = states[self] = {}
+        return out
 
     # -- routing ---------------------------------------------------------------------------
     @classmethod
-    def attention_callbacks(cls) -> bool:
-        return any(
-            getattr(cls, cb) is not None
-            for cb in ("scores", "collect", "column_sums", "probs", "sparse_probs", "head_output", "observe")
-        )
+    def roles(cls) -> frozenset[str]:
+        """The roles this method defines."""
+        return frozenset(r for r in ROLES if getattr(cls, r, None) is not None)
 
-    def layers(self, ctx: ForwardContext) -> set[int] | None:
-        """Layers that need the eager path in this forward (None = all layers)."""
+    @classmethod
+    def attention_callbacks(cls) -> bool:
+        return any(getattr(cls, r, None) is not None for r in ATTENTION_ROLES)
+
+    def layers(self, view: View) -> set[int] | None:
+        """Layers whose attention the roles need in this forward (None = all layers)."""
         return None if self.attention_callbacks() else set()
 
-    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
-        """Query rows (indices into the q dimension) that need eager probabilities; None = all."""
+    def rows(self, view: View) -> torch.Tensor | None:
+        """Query rows at ``view.layer`` that need probabilities (sorted distinct indices); None = all."""
         return None
 
     def __repr__(self) -> str:

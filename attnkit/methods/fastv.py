@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..hooks.context import ForwardContext
+from ..hooks.context import View
 from .base import MethodConfig, check_int, check_range
 from .pruning import PruningMethod, check_mode, keep_top
 from .registry import register
@@ -55,24 +55,24 @@ class FastV(PruningMethod):
         super().attach(handle)
         self.check_layer("k", self.config.k, handle.adapter.num_layers)
 
-    def _key(self) -> str:
-        return f"fastv:{id(self)}"
+    def layers(self, view: View) -> set[int]:
+        return {self.config.k - 1} if view.is_prefill and self.config.r > 0 else set()
 
-    def layers(self, ctx: ForwardContext) -> set[int]:
-        return {self.config.k - 1} if ctx.is_prefill and self.config.r > 0 else set()
+    def rows(self, view: View) -> torch.Tensor:
+        layer = view.layer
+        return torch.tensor([view.q_len - 1])
 
-    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        return torch.tensor([ctx.q_len - 1])
+    def observe(self, view: View, probs: torch.Tensor) -> None:
+        layer = view.layer
+        if int(view.rows[-1]) == view.q_len - 1:
+            self.state(view)["att"] = probs[:, :, -1].float().mean(1)  # (B, K'): head mean, last row
 
-    def observe(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> None:
-        if int(ctx.query_rows[-1]) == ctx.q_len - 1:
-            ctx.store[self._key()] = probs[:, :, -1].float().mean(1)  # (B, K'): head mean, last row
-
-    def select(self, ctx: ForwardContext, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    def select(self, view: View, hidden: torch.Tensor) -> torch.Tensor | None:
+        layer = view.layer
         if layer != self.config.k or self.config.r <= 0:
             return None
-        att = ctx.store.pop(self._key(), None)
-        image = ctx.live_image_mask()
+        att = self.state(view).pop("att", None)
+        image = view.live_image_mask()
         if att is None or image is None or not bool(image.any()):
             return None
         n_keep = torch.round((1 - self.config.r) * image.sum(1).double()).long()

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from ..hooks.context import ForwardContext
+from ..hooks.context import View
 from .base import Method, MethodConfig
 from .registry import register
 
@@ -28,5 +28,5 @@ class Identity(Method):
     Config = IdentityConfig
     neutral = {}
 
-    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
+    def probs(self, view: View, probs: torch.Tensor) -> torch.Tensor:
         return probs

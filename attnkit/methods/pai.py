@@ -12,8 +12,8 @@ import math
 import torch
 
 from ..errors import MethodArgumentError
-from ..hooks.context import ForwardContext
-from .base import Method, MethodConfig, check_int, check_range
+from ..hooks.context import View
+from .base import Contrast, Method, MethodConfig, check_int, check_range
 from .registry import register
 
 
@@ -70,7 +70,7 @@ class PAI(Method):
     def __init__(self, config: PAIConfig | None = None, **kwargs) -> None:
         super().__init__(config, **kwargs)
         gamma = self.config.cfg_gamma
-        self.text_branch = gamma is not None and gamma != 1.0
+        self.contrast = Contrast("no_image") if gamma is not None and gamma != 1.0 else None
         self._end = self.config.end_layer
 
     def attach(self, handle) -> None:
@@ -86,48 +86,47 @@ class PAI(Method):
             )
         self._end = n if self.config.end_layer is None else self.config.end_layer
 
-    def layers(self, ctx: ForwardContext) -> set[int]:
-        if ctx.image_mask is None or not bool(ctx.image_mask.any()):
+    def layers(self, view: View) -> set[int]:
+        if view.image_mask is None or not bool(view.image_mask.any()):
             return set()
         return set(range(self.config.start_layer, self._end))
 
-    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        return torch.tensor([ctx.q_len - 1])
+    def rows(self, view: View) -> torch.Tensor:
+        return torch.tensor([view.q_len - 1])
 
-    def scores(self, ctx: ForwardContext, layer: int, scores: torch.Tensor) -> torch.Tensor:
-        rows = ctx.query_rows
-        if rows is None or int(rows[-1]) != ctx.q_len - 1:
-            return scores  # this chunk does not hold the last row
-        weight = self._weight(ctx, scores)
+    def scores(self, view: View, scores: torch.Tensor) -> torch.Tensor:
+        rows = view.rows
+        if rows is None or int(rows[-1]) != view.q_len - 1:
+            return scores  # this block does not hold the last row
+        weight = self._weight(view, scores)
         if weight is None:
             return scores
-        if ctx.visible is not None:
-            weight = weight * ctx.visible[:, :, -1, :]  # never lift a masked column
+        if view.visible is not None:
+            weight = weight * view.visible[:, :, -1, :]  # never lift a masked column
         last = scores[:, :, -1, :]
         last.addcmul_(last.abs(), weight)  # score + alpha * |score| on image columns, in place
         return scores
 
-    def _weight(self, ctx: ForwardContext, scores: torch.Tensor) -> torch.Tensor | None:
+    def _weight(self, view: View, scores: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, K') alpha on the image columns, 0 elsewhere; cached per forward and width."""
-        image = ctx.image_mask_kv()
+        image = view.image_mask_kv()
         if image is None:
             return None
-        cache = ctx.store.setdefault(f"pai:{id(self)}", {})
+        cache = self.state(view)
         if cache.get("image") is not image or cache.get("like") != (scores.shape[-1], scores.dtype):
             cache["image"], cache["like"] = image, (scores.shape[-1], scores.dtype)
             cache["weight"] = self.config.alpha * image[:, None, : scores.shape[-1]].to(scores.device, scores.dtype)
         return cache["weight"]
 
-    def logits(self, ctx: ForwardContext, logits: torch.Tensor) -> torch.Tensor:
-        if not self.text_branch or not ctx.branch_rows or logits.shape[0] != ctx.batch_size:
+    def logits(self, view: View, logits: torch.Tensor, contrast: torch.Tensor | None = None) -> torch.Tensor:
+        """The CFG step: the user's rows' last logits guided away from the image-free contrast rows'."""
+        if contrast is None:
             return logits
-        main = ctx.main_batch
-        last = logits[:, -1].float()
-        logp = torch.log_softmax(last[:main], dim=-1)
-        logp_noimg = torch.log_softmax(last[main:], dim=-1)
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        logp_noimg = torch.log_softmax(contrast[:, -1].float(), dim=-1)
         guided = self.config.cfg_gamma * (logp - logp_noimg) + logp_noimg
         cutoff = logp.max(dim=-1, keepdim=True).values + math.log(PLAUSIBILITY)
         guided = guided.masked_fill(logp < cutoff, float("-inf"))
         logits = logits.clone()
-        logits[:main, -1] = guided.to(logits.dtype)
+        logits[:, -1] = guided.to(logits.dtype)
         return logits

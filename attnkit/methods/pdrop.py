@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodArgumentError
-from ..hooks.context import ForwardContext
+from ..hooks.context import View
 from .base import MethodConfig, check_int, check_range
 from .pruning import PruningMethod, check_mode, check_positions, keep_top
 from .registry import register
@@ -93,16 +93,17 @@ class PyramidDrop(PruningMethod):
             self.check_layer("layers", s, depth)
         self.stage_layers = scaled
 
-    def select(self, ctx: ForwardContext, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    def select(self, view: View, hidden: torch.Tensor) -> torch.Tensor | None:
+        layer = view.layer
         if layer not in self.stage_layers or self.config.ratio >= 1:
             return None
-        image = ctx.live_image_mask()
+        image = view.live_image_mask()
         if image is None or not bool(image.any()):
             return None
         stage = self.stage_layers.index(layer)
-        full = ctx.full["image_mask"].sum(1)  # image tokens per row in the prompt
+        full = view.prompt_image_mask.sum(1)  # image tokens per row in the prompt
         n_keep = (full.double() * self.config.ratio ** (stage + 1)).long()
-        probs = self._handle.layer_attention(hidden, torch.tensor([ctx.q_len - 1]))
+        probs = view.attention(hidden, torch.tensor([view.q_len - 1]))
         att = probs[:, :, 0].mean(1)[:, : image.shape[1]]
         keep = keep_top(att, image, n_keep)
         return self.record(layer, keep, image)

@@ -133,7 +133,7 @@ class PruningMethod(Method):
 
     def __init__(self, config: Any = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self._handle: Any = None
+        self._adapter: Any = None
         self._shape: LayerShape | None = None
         self._stages: list[tuple[int, int, int]] = []  # (layer, tokens dropped, image tokens kept) per row
         self._prompt = self._image = self._depth = 0
@@ -154,12 +154,12 @@ class PruningMethod(Method):
                 f"{self.name}: positions='official' renumbers 1-D rotary positions and {adapter.family} has {what}; "
                 "use positions='original'"
             )
-        self._handle = handle
+        self._adapter = adapter
         self._shape = LayerShape.from_adapter(adapter)
         self._depth = adapter.num_layers
 
     def detach(self) -> None:
-        self._handle = None
+        self._adapter = None
 
     def check_layer(self, field_name: str, layer: int, n_layers: int, first: int = 1) -> None:
         """MethodArgumentError unless tokens can be dropped before ``layer`` of this model."""
@@ -168,18 +168,18 @@ class PruningMethod(Method):
                 f"{self.name}: {field_name} gives layer {layer}, out of range [{first}, {n_layers - 1}] for this "
                 f"{n_layers}-layer model"
             )
-        adapter = self._handle.adapter
+        adapter = self._adapter
         if self.drops_tokens and layer < adapter.first_droppable_layer:
             raise MethodArgumentError(
                 f"{self.name}: {field_name} gives layer {layer}, but {adapter.family} adds image features to the "
                 f"hidden states up to layer {adapter.first_droppable_layer - 1}; use a later layer or mode='mask'"
             )
 
-    def begin_forward(self, ctx: Any) -> None:
-        if ctx.is_prefill:
+    def begin_forward(self, view: Any) -> None:
+        if view.is_prefill:
             self._stages = []
-            self._prompt = ctx.q_len
-            image = ctx.image_mask
+            self._prompt = view.q_len
+            image = view.image_mask
             self._image = int(image.sum(1).max()) if image is not None and image.numel() else 0
 
     def record(self, layer: int, keep: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

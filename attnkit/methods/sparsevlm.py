@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodArgumentError
-from ..hooks.context import ForwardContext
+from ..hooks.context import View
 from .base import MethodConfig, check_int
 from .pruning import PruningMethod, check_mode, check_positions, keep_top
 from .registry import register
@@ -216,7 +216,7 @@ class SparseVLM(PruningMethod):
     one token: the plain mean of its members' hidden states; each merged token takes the row of its
     cluster's centre (that token is kept and ``select`` overwrites its hidden state in place, in the
     tensor the layer then receives). Image tokens kept per stage: ``count + clusters``. The overwrite
-    happens in mask mode too, so drop == mask with or without recycling; ``merged_tokens(ctx)`` lists
+    happens in mask mode too, so drop == mask with or without recycling; ``merged_tokens(view)`` lists
     them.
 
     Positions (``positions``): by default every kept token keeps its original position and a merged
@@ -225,7 +225,7 @@ class SparseVLM(PruningMethod):
     text after, renumbered 0..n-1; at a decode step each layer's new token takes the position that
     follows that layer's own length. ``positions="official"`` (drop mode, 1-D RoPE models) reproduces
     that layout (several images in a row: the merged tokens follow the row's last kept image token),
-    and later stages rank and merge on it; ``ctx.drops`` then lists the kept positions in that order.
+    and later stages rank and merge on it; ``view.positions()`` then lists the kept positions in that order.
 
     Layers: ``layers=(2, 6, 15)`` (official ``pruning_loc``) are given for ``depth=32`` layers and
     scaled to the wrapped model by ``scale_layers`` (``round(l * N / 32)``, kept strictly increasing
@@ -265,63 +265,66 @@ class SparseVLM(PruningMethod):
         for layer in self.stage_layers:
             self.check_layer("layers", layer + 1, adapter.num_layers)
 
-    def _state(self, ctx: ForwardContext) -> dict:
-        return ctx.store.setdefault(f"sparsevlm:{id(self)}", {})
+    def _state(self, view: View) -> dict:
+        return self.state(view)
 
     # -- routing -------------------------------------------------------------------------------
-    def layers(self, ctx: ForwardContext) -> set[int]:
-        if not ctx.is_prefill or not self.active or ctx.image_mask is None or not bool(ctx.image_mask.any()):
+    def layers(self, view: View) -> set[int]:
+        if not view.is_prefill or not self.active or view.image_mask is None or not bool(view.image_mask.any()):
             return set()
         return set(self.stage_layers)
 
-    def _raters_here(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
+    def _raters_here(self, view: View, layer: int) -> torch.Tensor | None:
         """(B, q) bool: the raters among the rows ``layer`` holds."""
-        raters = self._state(ctx).get("raters")
+        raters = self._state(view).get("raters")
         if raters is None:
             return None
-        pos = ctx.positions_for_layer(layer)
+        pos = view.positions(layer)
         return raters if pos is None else raters.gather(1, pos.to(raters.device))
 
-    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        raters = self._raters_here(ctx, layer)
+    def rows(self, view: View) -> torch.Tensor:
+        layer = view.layer
+        raters = self._raters_here(view, layer)
         if raters is None:
-            return torch.tensor([ctx.q_len - 1])
+            return torch.tensor([view.q_len - 1])
         return raters.any(0).nonzero().flatten()
 
-    def observe(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> None:
-        if not ctx.is_prefill or layer not in self.stage_layers or ctx.query_rows is None:
+    def observe(self, view: View, probs: torch.Tensor) -> None:
+        layer = view.layer
+        if not view.is_prefill or layer not in self.stage_layers or view.rows is None:
             return
-        raters = self._raters_here(ctx, layer)
+        raters = self._raters_here(view, layer)
         if raters is None:
             return
-        st = self._state(ctx)
+        st = self._state(view)
         acc = st.get("acc")
         if acc is None or acc[0] != layer:
-            acc = st["acc"] = (layer, torch.zeros(probs.shape[0], ctx.q_len, dtype=torch.float32, device=probs.device))
-        weight = raters[:, ctx.query_rows.to(raters.device)].to(probs.device, torch.float32)  # (B, r)
+            acc = st["acc"] = (layer, torch.zeros(probs.shape[0], view.q_len, dtype=torch.float32, device=probs.device))
+        weight = raters[:, view.rows.to(raters.device)].to(probs.device, torch.float32)  # (B, r)
         part = torch.einsum("bhrk,br->bk", probs.float(), weight) / probs.shape[1]
         acc[1][:, : part.shape[-1]] += part
 
     # -- selection -----------------------------------------------------------------------------
-    def select(self, ctx: ForwardContext, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        if not self.active or ctx.image_mask is None or not bool(ctx.image_mask.any()):
+    def select(self, view: View, hidden: torch.Tensor) -> torch.Tensor | None:
+        layer = view.layer
+        if not self.active or view.image_mask is None or not bool(view.image_mask.any()):
             return None
         if layer == 0:
-            if self.drops_tokens and ctx.branch_rows:  # keep_top would silently drop nothing
+            if self.drops_tokens and view.contrast_rows:  # keep_top would silently drop nothing
                 raise MethodArgumentError(
                     "sparsevlm: mode='drop' cannot run with a method that adds image-free branch rows "
                     "(PAI's cfg_gamma); use mode='mask'"
                 )
-            self._state(ctx)["raters"] = self.raters(ctx, hidden)
+            self._state(view)["raters"] = self.raters(view, hidden)
             return None
         if layer - 1 not in self.stage_layers:
             return None
-        return self._stage(ctx, layer, hidden, self.stage_layers.index(layer - 1))
+        return self._stage(view, layer, hidden, self.stage_layers.index(layer - 1))
 
-    def raters(self, ctx: ForwardContext, hidden: torch.Tensor) -> torch.Tensor:
+    def raters(self, view: View, hidden: torch.Tensor) -> torch.Tensor:
         """(B, q) bool: each row's raters, from the hidden states entering the first layer."""
-        image = ctx.image_mask
-        real = ctx.attention_mask[:, -ctx.q_len :] if ctx.attention_mask is not None else torch.ones_like(image)
+        image = view.image_mask
+        real = view.attention_mask[:, -view.q_len :] if view.attention_mask is not None else torch.ones_like(image)
         raters = torch.zeros_like(image)
         for b in range(image.shape[0]):
             pos = image[b].nonzero().flatten()
@@ -337,32 +340,32 @@ class SparseVLM(PruningMethod):
             raters[b, tpos[chosen.to(tpos.device)]] = True
         return raters
 
-    def relevance(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
+    def relevance(self, view: View, layer: int) -> torch.Tensor | None:
         """(B, q) the raters' mean attention (head mean) at the last stage layer, over ``layer``'s rows."""
-        st = self._state(ctx)
+        st = self._state(view)
         acc = st.pop("acc", None)
         if acc is None:
             return None
-        src, dst = ctx.positions_for_layer(acc[0]), ctx.positions_for_layer(layer)
-        rel = acc[1] / self._raters_here(ctx, acc[0]).sum(1, keepdim=True).clamp(min=1).to(acc[1])
+        src, dst = view.positions(acc[0]), view.positions(layer)
+        rel = acc[1] / self._raters_here(view, acc[0]).sum(1, keepdim=True).clamp(min=1).to(acc[1])
         if src is dst:
             return rel
-        full = rel.new_zeros(rel.shape[0], ctx.prompt_len)
+        full = rel.new_zeros(rel.shape[0], view.prompt_len)
         if src is None:
-            full[:] = rel[:, : ctx.prompt_len]
+            full[:] = rel[:, : view.prompt_len]
         else:
             full.scatter_(1, src.to(rel.device), rel[:, : src.shape[1]])
         return full if dst is None else full.gather(1, dst.to(rel.device))
 
-    def _stage(self, ctx: ForwardContext, layer: int, hidden: torch.Tensor, stage: int) -> torch.Tensor | None:
-        rel = self.relevance(ctx, layer)
-        live = ctx.live_image_mask()
+    def _stage(self, view: View, layer: int, hidden: torch.Tensor, stage: int) -> torch.Tensor | None:
+        rel = self.relevance(view, layer)
+        live = view.live_image_mask()
         if rel is None or live is None or not bool(live.any()):
             return None
         live = live.to(hidden.device)
         rel = rel.to(hidden.device)[:, : live.shape[1]]
         schedule = SCHEDULES[self.config.budget]
-        n_image = ctx.full["image_mask"].sum(1).tolist()
+        n_image = view.prompt_image_mask.sum(1).tolist()
         n_live = live.sum(1)
         n_keep = torch.tensor([min(scale_count(schedule[stage], int(n)), int(k)) for n, k in zip(n_image, n_live)])
         if self.drops_tokens:
@@ -393,11 +396,11 @@ class SparseVLM(PruningMethod):
             for b, rows, values in merged:
                 hidden[b, rows] = values  # the merged tokens take their centres' rows, from this layer on
                 keep[b, rows] = True
-        self._state(ctx).setdefault("merged", []).append((layer, merged))
+        self._state(view).setdefault("merged", []).append((layer, merged))
         keep = self.record(layer, keep, live)
         return official_order(keep, live, merged) if self.renumbers_positions else keep
 
-    def merged_tokens(self, ctx: ForwardContext) -> list[tuple[int, list[tuple[int, torch.Tensor, torch.Tensor]]]]:
+    def merged_tokens(self, view: View) -> list[tuple[int, list[tuple[int, torch.Tensor, torch.Tensor]]]]:
         """The recycled tokens of the last prefill, per stage: (selection layer, [(row, positions in that
         layer's rows, merged hidden states)])."""
-        return list(self._state(ctx).get("merged", []))
+        return list(self._state(view).get("merged", []))

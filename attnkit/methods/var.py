@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodArgumentError
-from ..hooks.context import ForwardContext
+from ..hooks.context import View
 from .base import Method, MethodConfig, check_int, check_range
 from .registry import register
 
@@ -120,8 +120,6 @@ class VAR(Method):
         self.sink_dims_source = "unattached"
         self._dims: torch.Tensor | None = None
         self._range = range(0)
-        self._handle = None
-        self._key = f"var:{id(self)}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self, handle) -> None:
@@ -151,91 +149,88 @@ class VAR(Method):
                 self._dims, self.sink_dims_source = torch.tensor(dims), f"table: {label}"
             else:
                 self._dims, self.sink_dims_source = None, "input"
-        self._handle = handle
 
-    def detach(self) -> None:
-        self._handle = None
-
-    def _state(self, ctx: ForwardContext) -> dict[str, Any]:
-        state = ctx.store.get(self._key)
-        if state is None:
-            state = ctx.store[self._key] = {"sinks": {}, "dims": {}}
+    def _state(self, view: View | None = None) -> dict[str, Any]:
+        state = self.state(view)
+        if not state:
+            state.update(sinks={}, dims={})
         return state
 
-    def begin_forward(self, ctx: ForwardContext) -> None:
-        state = self._state(ctx)
-        image = ctx.image_mask
+    def begin_forward(self, view: View) -> None:
+        state = self._state(view)
+        image = view.image_mask
         if image is None or not bool(image.any()):
             state["rows"] = None
             return
         has_image = image.any(1)
-        q_real = ctx.attention_mask[:, -ctx.q_len :] if ctx.attention_mask is not None else None
-        if ctx.is_prefill:
+        q_real = view.attention_mask[:, -view.q_len :] if view.attention_mask is not None else None
+        if view.is_prefill:
             first = torch.where(has_image, image.float().argmax(1), image.shape[1])
-            pos = torch.arange(ctx.q_len, device=image.device)
+            pos = torch.arange(view.q_len, device=image.device)
             eligible = (pos[None, :] > first[:, None]) & ~image
         else:
-            eligible = has_image[:, None].expand(-1, ctx.q_len)
+            eligible = has_image[:, None].expand(-1, view.q_len)
         if q_real is not None:
             eligible = eligible & q_real.to(eligible.device)
         before = state.get("eligible")
         state["eligible"] = eligible
         state["rows"] = eligible.any(0).nonzero().flatten()
         # the per-layer row conditions hold while the eligible rows do (every decode step, usually)
-        if ctx.is_prefill or before is None or before.shape != eligible.shape or not torch.equal(before, eligible):
+        if view.is_prefill or before is None or before.shape != eligible.shape or not torch.equal(before, eligible):
             state["rows_ok"] = {}
 
     # -- routing ---------------------------------------------------------------------------
-    def layers(self, ctx: ForwardContext) -> set[int]:
-        state = self._state(ctx)
+    def layers(self, view: View) -> set[int]:
+        state = self._state(view)
         rows = state.get("rows")
         if rows is None or rows.numel() == 0:
             return set()
-        if ctx.is_prefill:
+        if view.is_prefill:
             return set(self._range)
         if "decode_layers" not in state:  # the layers with a visual sink, fixed after the prefill
-            image = ctx.image_mask
+            image = view.image_mask
             state["decode_layers"] = {layer for layer, sink in state["sinks"].items() if bool((sink & image).any())}
         return state["decode_layers"]
 
-    def rows(self, ctx: ForwardContext, layer: int) -> torch.Tensor | None:
-        return self._state(ctx)["rows"]
+    def rows(self, view: View) -> torch.Tensor | None:
+        return self._state(view)["rows"]
 
     # -- 1. sinks ---------------------------------------------------------------------------
-    def select(self, ctx: ForwardContext, layer: int, hidden: torch.Tensor) -> None:
-        if not ctx.is_prefill or layer not in self._range:
+    def select(self, view: View, hidden: torch.Tensor) -> None:
+        layer = view.layer
+        if not view.is_prefill or layer not in self._range:
             return None
         tau = self.config.tau
         if self._dims is not None:
             sink = (rms_normed(hidden, self._dims.to(hidden.device)) > tau).any(-1)
         else:
-            real = ctx.attention_mask[:, -hidden.shape[1] :] if ctx.attention_mask is not None else None
+            real = view.attention_mask[:, -hidden.shape[1] :] if view.attention_mask is not None else None
             first = real.float().argmax(1) if real is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
             first_h = hidden[torch.arange(hidden.shape[0]), first.to(hidden.device)]
             massive = rms_normed(first_h[:, None, :])[:, 0] > tau  # (B, d)
-            self._state(ctx)["dims"][layer] = massive
+            self._state(view)["dims"][layer] = massive
             dims = massive.any(0).nonzero().flatten()
             if dims.numel():
                 sink = ((rms_normed(hidden, dims) > tau) & massive[:, None, dims]).any(-1)
             else:
                 sink = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        if ctx.attention_mask is not None:
-            sink = sink & ctx.attention_mask[:, -hidden.shape[1] :].to(sink.device)
-        self._state(ctx)["sinks"][layer] = sink
+        if view.attention_mask is not None:
+            sink = sink & view.attention_mask[:, -hidden.shape[1] :].to(sink.device)
+        self._state(view)["sinks"][layer] = sink
         return None
 
     # -- 2. + 3. image-centric pairs, redistribution -------------------------------------------
-    def _masks(self, ctx: ForwardContext, layer: int, width: int, device: torch.device) -> tuple | None:
+    def _masks(self, view: View, layer: int, width: int, device: torch.device) -> tuple | None:
         """Per layer, cached for the forward: (masks (B, K, 4): image, visual sink, sink, non-sink image;
         shift (B, 2, K): sink, non-sink image; has_visual (B, 1, 1); n_image (B, 1): the row's image
         tokens, all of them whatever the width), cropped to ``width``, or None."""
-        state = self._state(ctx)
+        state = self._state(view)
         cache = state.setdefault("masks", {})
         hit = cache.get(layer)
         if hit is not None and hit[0] >= width:
             return None if hit[1] is None else _crop(hit[1], width)
         sink = state["sinks"].get(layer)
-        image = ctx.image_mask
+        image = view.image_mask
         if sink is None or image is None:
             cache[layer] = (1 << 62, None)
             return None
@@ -251,24 +246,25 @@ class VAR(Method):
         cache[layer] = (capacity, entry)
         return _crop(entry, width)
 
-    def probs(self, ctx: ForwardContext, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        if ctx.query_rows is None:
+    def probs(self, view: View, probs: torch.Tensor) -> torch.Tensor:
+        if view.rows is None:
             return probs
-        found = self._masks(ctx, layer, probs.shape[-1], probs.device)
+        layer = view.layer
+        found = self._masks(view, layer, probs.shape[-1], probs.device)
         if found is None:
             return probs
         masks, shift, has_visual, n_image = found
-        state = self._state(ctx)
+        state = self._state(view)
         p = probs.float().contiguous()  # the same tensor for fp32 probabilities: rewritten in place
         bsz, heads, rows, width = p.shape
         eligible = state["eligible"]
-        if ctx.query_rows.numel() == eligible.shape[1]:  # every row of the forward (decode: the new token)
+        if view.rows.numel() == eligible.shape[1]:  # every row of the forward (decode: the new token)
             rows_ok = state["rows_ok"].get((layer, heads))
             if rows_ok is None:
                 ok = has_visual & eligible.to(probs.device)[:, None, :]
                 rows_ok = state["rows_ok"][(layer, heads)] = ok.expand(bsz, heads, rows).reshape(bsz, heads * rows)
         else:
-            ok = has_visual & eligible[:, ctx.query_rows.to(eligible.device)].to(probs.device)[:, None, :]
+            ok = has_visual & eligible[:, view.rows.to(eligible.device)].to(probs.device)[:, None, :]
             rows_ok = ok.expand(bsz, heads, rows).reshape(bsz, heads * rows)
         flat = p.view(bsz, heads * rows, width)
         image_attn, visual_sink, sink_attn, rest = torch.bmm(flat, masks).unbind(-1)  # (B, H*r) each
@@ -294,9 +290,9 @@ class VAR(Method):
             "sink_dims": None if self._dims is None else self._dims.tolist(),
             "sinks": {},
         }
-        if self._handle is None:
+        if getattr(self, "_states", None) is None:
             return out
-        state = self._handle.ctx.store.get(f"var:{id(self)}", {"sinks": {}, "dims": {}})
+        state = self._state()
         out["sinks"] = {layer: [row.nonzero().flatten().tolist() for row in s] for layer, s in state["sinks"].items()}
         if state["dims"]:
             out["input_dims"] = {
