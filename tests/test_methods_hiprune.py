@@ -46,9 +46,9 @@ def test_object_layer_beyond_the_tower_is_refused_at_wrap():
 
 
 def test_default_object_layer():
-    assert default_object_layer("llava", 24) == 9  # official, CLIP ViT-L/14
-    assert default_object_layer("gemma3", 27) == 10  # SigLIP-So400m: 9/24 rescaled
-    assert default_object_layer("llava", 2) == 1
+    assert default_object_layer(24) == 9  # official, CLIP ViT-L/14
+    assert default_object_layer(27) == 10  # SigLIP-So400m: 9/24 rescaled
+    assert default_object_layer(2) == 1
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision", "idefics3"])

@@ -139,7 +139,7 @@ def test_hiprune_budget_per_crop_refused_at_wrap():
 
 
 def test_defaults_for_llava_next():
-    assert default_object_layer("llava_next", 24) == 9  # official bench_llava_next.sh
+    assert default_object_layer(24) == 9  # official bench_llava_next.sh
     model, inputs = tiny("llava_next")
     method = HiPrune()
     with attnkit.wrap(model, method):

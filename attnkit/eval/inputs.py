@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from ..models.base import Adapter
 
 
 def chat_text(processor: Any, question: str) -> str:
@@ -13,17 +14,14 @@ def chat_text(processor: Any, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _move_padding_left(batch: dict[str, Any]) -> None:
-    """InstructBlipProcessor prepends the query placeholders to already padded text: [query][pad][text].
-    Reorder each row to [pad][query][text] so the batch is truly left-padded."""
-    mask = batch["attention_mask"]
-    order = torch.argsort(mask, dim=1, stable=True)  # padding (0) first, otherwise order kept
-    for key in ("input_ids", "attention_mask"):
-        batch[key] = torch.gather(batch[key], 1, order)
+def make_batch(
+    processor: Any, adapter: Adapter | type[Adapter] | str, questions: list[str], images: list[Any]
+) -> dict[str, Any]:
+    """Left-padded batch, one row per question, each with its one image before the text. ``adapter``: the
+    model's adapter (or its class, or its family name), which makes the processor's output truly
+    left-padded where the family's processor does not (``Adapter.left_pad_batch``)."""
+    from ..models import adapter_class
 
-
-def make_batch(processor: Any, family: str, questions: list[str], images: list[Any]) -> dict[str, Any]:
-    """Left-padded batch, one row per question, each with its one image before the text."""
     if len(images) != len(questions):
         raise ValueError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
     tokenizer = getattr(processor, "tokenizer", None)
@@ -31,6 +29,6 @@ def make_batch(processor: Any, family: str, questions: list[str], images: list[A
         tokenizer.padding_side = "left"  # batched generation needs left padding
     texts = [chat_text(processor, q) for q in questions]
     batch = dict(processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt"))
-    if family == "instructblip":
-        _move_padding_left(batch)
-    return batch
+    cls = adapter_class(adapter) if isinstance(adapter, str) else adapter
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return cls.left_pad_batch(batch, 0 if pad_id is None else int(pad_id))

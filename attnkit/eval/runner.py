@@ -273,7 +273,7 @@ def _generate_all(task, model, processor, adapter, observer, mine, writer, max_n
         for start in range(0, len(mine), settings.batch_size):
             chunk = mine[start : start + settings.batch_size]
             images = [_open_image(s) for s in chunk]
-            batch = make_batch(processor, adapter.family, [s.question for s in chunk], images)
+            batch = make_batch(processor, adapter, [s.question for s in chunk], images)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.no_grad():
                 out = model.generate(**batch, max_new_tokens=max_new, **settings.generate_kwargs())

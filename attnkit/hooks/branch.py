@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
+from ..models.base import compact_left, gather_left
 
 if TYPE_CHECKING:
     from ..models.base import Adapter
@@ -119,17 +120,11 @@ class TextBranch:
                 if isinstance(kwargs.get(key), torch.Tensor):
                     source[key] = kwargs[key]
             text = self.adapter.text_only_inputs(source)
-            branch = _left_pad(text["input_ids"], q_len, self.adapter._pad_id())
+            branch = _left_pad(text["input_ids"], q_len, self.adapter.pad_id)
             mask = _left_pad(text["attention_mask"].to(main_mask.dtype), q_len, 0)
             return branch, mask
         image = self.adapter.image_mask_from_layout(main_mask, batch, q_len)
         if image is None:
             raise InputError(f"{self.adapter.family}: cannot find the image tokens in inputs_embeds for the image-free branch")
-        keep = main_mask.bool() & ~image.to(main_mask.device)
-        branch = embeds.new_zeros(batch, q_len, *embeds.shape[2:])
-        mask = main_mask.new_zeros(batch, q_len)
-        for r in range(batch):
-            row = embeds[r][keep[r]]
-            branch[r, q_len - row.shape[0] :] = row
-            mask[r, q_len - row.shape[0] :] = 1
-        return branch, mask
+        index = compact_left(main_mask.bool() & ~image.to(main_mask.device), width=q_len)
+        return gather_left(embeds, index, 0), (index >= 0).to(main_mask.dtype)

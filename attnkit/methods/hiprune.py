@@ -16,23 +16,28 @@ from .base import MethodConfig, check_int, check_range
 from .registry import register
 from .vision_side import Reduction, VisionPlan, VisionPruner, VisionStats
 
-#: Official object layers (1-based) and the encoder depth they were set for, per family. Source: the
-#: official README's hyper-parameter table, bench_llava.sh and bench_llava_next.sh
-#: (HIPRUNE_OBJECT_LAYER=9 for LLaVA-1.5's and LLaVA-NeXT's CLIP ViT-L/14-336, 24 layers; 16 for
-#: Qwen2.5-VL's 32-layer ViT, a family this toolkit does not prune). Gemma3 (SigLIP) has no official
-#: value: CLIP's 9/24 is used, rescaled to the tower's depth like every default (SigLIP-So400m, 27
-#: layers: 10).
-OBJECT_LAYER: dict[str, tuple[int, int]] = {"llava": (9, 24), "llava_next": (9, 24), "gemma3": (9, 24)}
+#: Official object layer (1-based) and the encoder depth it was set for: HIPRUNE_OBJECT_LAYER=9 for the CLIP
+#: ViT-L/14-336 (24 layers) of LLaVA-1.5 and LLaVA-NeXT (official README's hyper-parameter table,
+#: bench_llava.sh, bench_llava_next.sh; 16 of 32 for Qwen2.5-VL's ViT, a family this toolkit does not
+#: prune). Every other tower takes it rescaled to its depth (Gemma3's SigLIP has no official value;
+#: SigLIP-So400m, 27 layers: 10).
+OBJECT_LAYER: tuple[int, int] = (9, 24)
 
-#: Default token budget per image, per family: the official HIPRUNE_RETENTION of bench_llava.sh (192,
-#: LLaVA-1.5) and bench_llava_next.sh (640, LLaVA-NeXT; the README lists 640/320/160 of at most
-#: 2880 = 5 crops x 576). Gemma3 has no official value and takes LLaVA-1.5's.
-DEFAULT_BUDGET: dict[str, int] = {"llava": 192, "llava_next": 640, "gemma3": 192}
+#: Default token budget per image, by how the vision encoder sees an image (``VisionFeatures.anyres``):
+#: "one view" (LLaVA-1.5, and Gemma3, which has no official value) takes the official HIPRUNE_RETENTION
+#: of bench_llava.sh, 192; "anyres" (a base view plus high-res crops, LLaVA-NeXT) that of
+#: bench_llava_next.sh, 640 (the README lists 640/320/160 of at most 2880 = 5 crops x 576).
+DEFAULT_BUDGET: dict[str, int] = {"one view": 192, "anyres": 640}
 
 
-def default_object_layer(family: str, depth: int) -> int:
-    """The family's official object layer, rescaled to an encoder of ``depth`` layers (1-based)."""
-    layer, of = OBJECT_LAYER[family]
+def default_budget(plan: VisionPlan) -> int:
+    """The default token budget per image for a vision encoder described by ``plan`` (see DEFAULT_BUDGET)."""
+    return DEFAULT_BUDGET["anyres" if plan.anyres else "one view"]
+
+
+def default_object_layer(depth: int) -> int:
+    """The official object layer (OBJECT_LAYER), rescaled to an encoder of ``depth`` layers (1-based)."""
+    layer, of = OBJECT_LAYER
     return layer if depth == of else min(depth, max(1, round(layer * depth / of)))
 
 
@@ -136,7 +141,8 @@ class HiPrune(VisionPruner):
 
     name = "hiprune"
     Config = HiPruneConfig
-    #: the budget in use: ``config.budget``, or the family's default (``DEFAULT_BUDGET``) once wrapped
+    #: the budget in use: ``config.budget``, or the default for the model's vision encoder (``DEFAULT_BUDGET``)
+    #: once wrapped
     budget: int | None = None
 
     def check_plan(self, plan: VisionPlan) -> None:
@@ -146,15 +152,15 @@ class HiPrune(VisionPruner):
                 f"hiprune: object_layer={self.config.object_layer} is out of range [1, {depth}] "
                 f"for this {depth}-layer vision encoder"
             )
-        self.budget = self.config.budget if self.config.budget is not None else DEFAULT_BUDGET[plan.family]
+        self.budget = self.config.budget if self.config.budget is not None else default_budget(plan)
         check_anchors(self.budget, self.config.alpha)
-        n = plan.side * plan.side
-        for crops in plan.crop_counts:  # llava_next: every crop count an image can have
+        n = plan.tokens
+        for crops in plan.crop_counts:  # anyres (LLaVA-NeXT): every crop count an image can have
             keep = self.budget // crops
             if keep == 0:
                 raise MethodArgumentError(
                     f"hiprune: budget={self.budget} leaves no token to each crop of an image of {crops} crops "
-                    f"(llava_next splits the budget evenly over an image's crops); raise budget to >= {crops}"
+                    f"(an anyres image's budget is split evenly over its crops); raise budget to >= {crops}"
                 )
             if keep < n:
                 check_anchors(keep, self.config.alpha, what=f"per-crop budget ({crops} crops)")
@@ -163,7 +169,7 @@ class HiPrune(VisionPruner):
         """0-based encoder layer of the anchors."""
         layer = self.config.object_layer
         if layer is None:
-            layer = default_object_layer(plan.family, len(plan.layers))
+            layer = default_object_layer(len(plan.layers))
         return layer - 1
 
     def keep_count(self, n: int) -> int:

@@ -4,19 +4,25 @@ These methods decide, inside the vision encoder, which image tokens reach the la
 LLM sees fewer image tokens per image from its first layer on. A method subclass only says how many
 tokens an image keeps (``keep_count``), which encoder layers it needs attention statistics from
 (``stat_layers``) and how to reduce the image's tokens (``reduce``); this module does the rest with
-torch hooks, all installed in ``attach`` and removed in ``detach``:
+torch hooks and one temporary attribute, all added in ``attach`` through the handle
+(``Handle.add_hook`` / ``Handle.set_attr``, owned by the method), which removes them on remove().
+Where the image features go is the adapter's knowledge (``Adapter.vision_features``,
+``projector_input``, ``vision_feature_states`` and, for anyres families, ``anyres_packing`` and
+``pack_crops``); this module asks for it and never branches on a family name:
 
 - a forward pre-hook on each needed vision attention module computes, from the module's own q/k
   projections (vision towers run fused sdpa, which returns no weights), the attention probabilities
   of that layer and keeps the statistics the methods use (the [CLS] row summed over heads, the mean
   over queries, the head-averaged keys);
-- a forward pre-hook where the image features enter the projector replaces them with the reduced
-  tokens (LLaVA: the multi-modal projector, whose input is the ``vision_feature_layer`` output
-  without [CLS]; a forward hook on the tower keeps that layer's [CLS] state, which VisionZip puts
-  first; Gemma3: the pooled features entering the projector's soft-embedding norm). These hooks act
+- a forward pre-hook where the image features enter the projector (``Adapter.projector_input``)
+  replaces them with the reduced tokens (LLaVA: the multi-modal projector, whose input is the
+  ``vision_feature_layer`` output without [CLS]; a forward hook on the tower keeps that layer's
+  [CLS] state, which VisionZip puts first; Gemma3: the pooled features entering the projector's
+  soft-embedding norm); anyres families replace the packing of the crops instead. These hooks act
   whenever the model encodes images, also when generate() encodes them before the first forward
   (transformers 5 passes ``mm_encoder_outputs`` instead of ``pixel_values`` then);
-- a forward pre-hook on the top-level model shrinks every image's run of placeholder tokens to the
+- a forward pre-hook on the top-level model (added in ``attach``, so it runs before the handle's own
+  pre-hook reads the forward's inputs) shrinks every image's run of placeholder tokens to the
   kept count (input_ids, attention_mask, token_type_ids and every other per-token tensor, position
   ids made contiguous), and at each decode step of generate() rewrites the full-length attention
   mask, the position ids and cache_position the same way, so the LLM runs exactly as if the prompt
@@ -57,26 +63,32 @@ whose crops would keep all their tokens is packed by transformers unchanged (unp
 newlines), so a budget >= the tokens of every crop leaves the model unchanged, where the official
 code would still drop unpadding and newlines. The reduction runs where transformers packs the
 features: ``pack_image_features`` of the inner model is shadowed by an instance attribute for the
-life of the handle (``detach`` deletes it), since it is the only place that sees both the crops and
-``image_sizes`` (generate() encodes images through ``get_image_features`` and drops ``image_sizes``
-before the first forward). The [CLS] and patch states come from the tower's ``vision_feature_layer``
+life of the handle (``Adapter.anyres_packing`` gives it, ``Handle.set_attr`` sets it and remove()
+deletes it), since it is the only place that sees both the crops and ``image_sizes`` (generate()
+encodes images through ``get_image_features`` and drops ``image_sizes`` before the first forward). The [CLS] and patch states come from the tower's ``vision_feature_layer``
 output (the tensor the projector reads), and the reduced tokens are projected there.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..errors import InputError, TransformersCompatError, UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from ..hooks import compat
+from ..models import ADAPTERS
+from ..models.base import AnyresImage, VisionFeatures, compact_left, gather_left
+from ..models.families import anyres_order  # noqa: F401  (re-exported: the anyres layout's order)
 from .base import Method
 from .pruning import LayerShape, PruneReport
 
-SUPPORTED_FAMILIES = ("llava", "llava_next", "gemma3")
+#: The families whose adapters describe their vision features (``Adapter.describes_vision_features``).
+SUPPORTED_FAMILIES = tuple(cls.family for cls in ADAPTERS if cls.describes_vision_features)
+
+#: What a vision-side pruner knows of the model: the adapter's description of its vision features.
+VisionPlan = VisionFeatures
 
 
 @dataclass
@@ -114,76 +126,17 @@ class Reduction:
     lead: int = 0
 
 
-def anyres_order(grid: torch.Tensor, rows: int, cols: int, side: int) -> torch.Tensor:
-    """Order of the kept grid patches of rows x cols crops read row-major across the whole high-res grid.
-
-    grid (rows*cols, g): sorted patch indices (row-major on a crop's side x side grid) kept in each
-    crop, crops row-major. Returns the permutation of ``grid.flatten()`` (crop-major) that reads them
-    along the rows of the (rows*side) x (cols*side) grid, as the official LLaVA-NeXT code of VisionZip
-    and HiPrune lays them out (without unpadding or newline tokens).
-    """
-    crop = torch.arange(grid.shape[0], device=grid.device)[:, None]
-    y = (crop // cols) * side + grid // side
-    x = (crop % cols) * side + grid % side
-    return (y * (cols * side) + x).flatten().argsort()
-
-
-@dataclass(frozen=True)
-class VisionPlan:
-    """Where a family's vision features go and how they map to LLM tokens."""
-
-    family: str
-    layers: list[torch.nn.Module]  # the vision encoder layers, in order (each has .self_attn)
-    feature_layer: int  # index of the encoder layer whose output the projector takes
-    has_cls: bool
-    side: int  # LLM-side tokens per image side
-    pool: int  # patches per LLM token side (1: one token per patch)
-    crop_counts: tuple[int, ...] = ()  # llava_next: the crops (base included) an image can have
-
-
-def _encoder_layers(tower: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ModuleList of the vision tower whose entries have ``self_attn`` (the encoder layers)."""
-    best: list[torch.nn.Module] = []
-    for mod in tower.modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) and all(hasattr(m, "self_attn") for m in mod):
-            if len(mod) > len(best):
-                best = list(mod)
-    if not best:
-        raise UnsupportedModelError(f"{type(tower).__name__}: no encoder layers with self_attn found")
-    return best
-
-
-def make_plan(method: str, adapter: Any) -> VisionPlan:
-    """The family's plan, or a one-line UnsupportedModelError naming the method and family."""
-    family = adapter.family
-    cfg = adapter.config
-    if family not in SUPPORTED_FAMILIES:
+def make_plan(method: str, adapter: Any) -> VisionFeatures:
+    """The adapter's description of the vision features, or a one-line UnsupportedModelError naming the
+    method and the family."""
+    if not adapter.describes_vision_features:
         raise UnsupportedModelError(
-            f"{method}: family {family!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})"
+            f"{method}: family {adapter.family!r} is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})"
         )
-    tower = adapter.vision_tower()
-    layers = _encoder_layers(tower)
-    vcfg = cfg.vision_config
-    patches = vcfg.image_size // vcfg.patch_size
-    if family in ("llava", "llava_next"):
-        fl = cfg.vision_feature_layer
-        if not isinstance(fl, int) or isinstance(fl, bool):
-            raise UnsupportedModelError(f"{method}: {family} with several vision_feature_layer values is not supported")
-        if cfg.vision_feature_select_strategy != "default":
-            raise UnsupportedModelError(
-                f"{method}: {family} with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} "
-                "is not supported (only 'default')"
-            )
-        index = fl % (len(layers) + 1) - 1  # hidden_states[i] is the output of encoder layer i - 1
-        if index < 0:
-            raise UnsupportedModelError(f"{method}: {family} vision_feature_layer={fl} takes the embeddings, not a layer")
-        crops: tuple[int, ...] = ()
-        if family == "llava_next":
-            tile = vcfg.image_size
-            crops = tuple(sorted({1 + (int(h) // tile) * (int(w) // tile) for h, w in cfg.image_grid_pinpoints}))
-        return VisionPlan(family, layers, index, True, patches, 1, crops)
-    side = math.isqrt(int(cfg.mm_tokens_per_image))
-    return VisionPlan(family, layers, len(layers) - 1, False, side, patches // side)
+    try:
+        return adapter.vision_features()
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{method}: {err}") from None
 
 
 class VisionPruner(Method):
@@ -197,15 +150,13 @@ class VisionPruner(Method):
     def __init__(self, config=None, **kwargs) -> None:
         super().__init__(config, **kwargs)
         self.report: PruneReport | None = None
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._plan: VisionPlan | None = None
+        self._plan: VisionFeatures | None = None
         self._adapter: Any = None
         self._stats: dict[int, VisionStats] = {}  # from the vision tower's last forward
         self._cls: torch.Tensor | None = None  # (B, D) [CLS] hidden state at the feature layer
         self._state: dict[str, Any] | None = None  # the last pruned prompt, for its decode steps
-        self._feats: torch.Tensor | None = None  # llava_next: (crops, 1 + N, D) feature-layer states
-        self._encoded: list[tuple[int, int]] | None = None  # llava_next: (full, kept) per image last packed
-        self._packed: torch.nn.Module | None = None  # llava_next: the module whose pack_image_features we shadow
+        self._feats: torch.Tensor | None = None  # anyres: (crops, 1 + N, D) feature-layer states
+        self._encoded: list[tuple[int, int]] | None = None  # anyres: (full, kept) per image last packed
         self._prunes = False
 
     # -- subclass interface ----------------------------------------------------------------
@@ -214,7 +165,7 @@ class VisionPruner(Method):
         raise NotImplementedError
 
     def crop_keep(self, n: int, crops: int) -> int:
-        """LLaVA-NeXT: tokens each crop of ``n`` tokens keeps in an image of ``crops`` crops (base
+        """Anyres (LLaVA-NeXT): tokens each crop of ``n`` tokens keeps in an image of ``crops`` crops (base
         included); >= n: the image is left unchanged. Default: ``keep_count(n)`` per crop."""
         return self.keep_count(n)
 
@@ -245,64 +196,41 @@ class VisionPruner(Method):
         self._plan, self._adapter = plan, adapter
         self._stats, self._state, self._cls, self.report = {}, None, None, None
         self._feats, self._encoded = None, None
-        model = handle.model
-        n = plan.side * plan.side
-        if plan.family == "llava_next":
+        n = plan.tokens
+        if plan.anyres:
             prunes = any(self.crop_keep(n, c) < n for c in plan.crop_counts)
         else:
             prunes = self.keep_count(n) < n
         self._prunes = prunes
-        try:
-            for i in sorted(set(self.stat_layers(plan))) if prunes else []:
-                attn = plan.layers[i].self_attn
-                self._hooks.append(attn.register_forward_pre_hook(self._stat_hook(i), with_kwargs=True))
-            projector = model.model.multi_modal_projector
-            if not prunes:  # every image keeps all its tokens: no vision hooks at all
-                pass
-            elif plan.family == "llava":
-                self._hooks.append(adapter.vision_tower().register_forward_hook(self._on_tower_output))
-                self._hooks.append(projector.register_forward_pre_hook(self._on_projector_input))
-            elif plan.family == "llava_next":
-                self._hooks.append(adapter.vision_tower().register_forward_hook(self._on_tower_output))
-                self._shadow_pack(model.model)
+        if prunes:  # (every image keeping all its tokens: no vision hooks at all)
+            for i in sorted(set(self.stat_layers(plan))):
+                handle.add_hook(plan.layers[i].self_attn, self._stat_hook(i), pre=True, with_kwargs=True, owner=self)
+            if plan.has_cls or plan.anyres:  # the projector never sees [CLS]; packing sees projected crops only
+                handle.add_hook(adapter.vision_tower(), self._on_tower_output, owner=self)
+            if plan.anyres:
+                handle.set_attr(*adapter.anyres_packing(self._pack_images))
             else:
-                self._hooks.append(projector.mm_soft_emb_norm.register_forward_pre_hook(self._on_projector_input))
-            self._hooks.append(model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
-        except BaseException:
-            self.detach()
-            raise
+                handle.add_hook(adapter.projector_input(), self._on_projector_input, pre=True, owner=self)
+        # before the handle's own pre-hook (added after every attach): it must see the shortened prompt
+        handle.add_hook(handle.model, self._on_model_input, pre=True, with_kwargs=True, owner=self)
 
     def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        if self._packed is not None and vars(self._packed).get("pack_image_features") == self._pack:
-            del self._packed.pack_image_features
-        self._packed = None
+        # the handle removes the hooks and the packing stand-in; only the per-call state is left to drop
         self._stats, self._state, self._cls = {}, None, None
         self._feats, self._encoded = None, None
 
     # -- vision side -----------------------------------------------------------------------
     def _stat_hook(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-            self._stats[index] = self._layer_stats(module, hidden, mask)
+            self._stats[index] = self._layer_stats(module, args, kwargs)
 
         return hook
 
-    def _layer_stats(self, module: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> VisionStats:
-        """Attention probabilities of one vision layer from its q/k projections, reduced to VisionStats."""
+    def _layer_stats(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> VisionStats:
+        """Attention probabilities of one vision layer (``Adapter.vision_attention``), reduced to VisionStats."""
         plan = self._plan
-        bsz, seq, _ = hidden.shape
-        heads, hd = module.num_heads, module.head_dim
         with torch.no_grad():
-            q = module.q_proj(hidden).view(bsz, seq, heads, hd).transpose(1, 2).float()
-            k = module.k_proj(hidden).view(bsz, seq, heads, hd).transpose(1, 2).float()
-            scores = torch.matmul(q, k.transpose(-1, -2)) * module.scale
-            if mask is not None and mask.dtype != torch.bool:
-                scores = scores + mask.float()
-            probs = scores.softmax(-1)  # (B, H, S, S)
+            probs, k = self._adapter.vision_attention(module, args, kwargs)  # (B, H, S, S), (B, H, S, hd)
             keys = k.mean(1)  # (B, S, hd), averaged over heads
             mean_attn = probs.mean(1).mean(1)  # (B, S): over heads, then over every query
             cls_attn = cls_key = None
@@ -323,106 +251,72 @@ class VisionPruner(Method):
         return torch.nn.functional.avg_pool2d(grid, plan.pool).flatten(2).transpose(1, 2)
 
     def _on_tower_output(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        """LLaVA: keep the [CLS] hidden state of the feature layer (the projector never sees it);
-        LLaVA-NeXT: keep the whole feature-layer output ([CLS] and patches) of every crop."""
-        states = getattr(output, "hidden_states", None)
-        fl = self._adapter.config.vision_feature_layer
-        if states is not None and -len(states) <= fl < len(states) and states[fl] is not None:
-            if self._plan.family == "llava_next":
-                self._feats = states[fl]
+        """Keep the feature layer's states: the [CLS] hidden state (the projector never sees it) and, for
+        anyres families, the whole output ([CLS] and patches) of every crop."""
+        states = self._adapter.vision_feature_states(output)
+        if states is not None:
+            if self._plan.anyres:
+                self._feats = states
             else:
-                self._cls = states[fl][:, 0]
+                self._cls = states[:, 0]
 
-    # -- LLaVA-NeXT ------------------------------------------------------------------------
-    def _shadow_pack(self, inner: torch.nn.Module) -> None:
-        if not callable(getattr(type(inner), "pack_image_features", None)):
-            raise TransformersCompatError(
-                f"{self.name}: {type(inner).__name__} has no pack_image_features ({compat.where()}); "
-                "attnkit cannot reduce LLaVA-NeXT's crops"
-            )
-        if "pack_image_features" in vars(inner):
-            raise UnsupportedModelError(
-                f"{self.name}: pack_image_features of this llava_next model is already replaced "
-                "(one vision-side pruning method per model)"
-            )
-        inner.pack_image_features = self._pack
-        self._packed = inner
-
-    def _image_counts(self, image_sizes: Any) -> list[tuple[int, int, int, int, int]]:
-        """Per image: (crops, crop rows, crop cols, placeholder tokens unpruned, tokens kept)."""
-        n = self._plan.side * self._plan.side
-        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
-        fulls = self._adapter.image_token_counts({"image_sizes": image_sizes})
+    # -- anyres (LLaVA-NeXT) ---------------------------------------------------------------
+    def _image_counts(self, image_sizes: Any) -> list[tuple[AnyresImage, int, int]]:
+        """Per image: (its crops and placeholders, tokens each crop keeps, tokens the image keeps)."""
+        n = self._plan.tokens
         out = []
-        for size, full in zip(sizes, fulls):
-            rows, cols = self._adapter.crop_grid(size)
-            crops = 1 + rows * cols
-            keep = self.crop_keep(n, crops)
-            out.append((crops, rows, cols, full, full if keep >= n else crops * keep))
+        for image in self._adapter.anyres_images(image_sizes):
+            keep = self.crop_keep(n, image.crops)
+            out.append((image, keep, image.tokens if keep >= n else image.crops * keep))
         return out
 
-    def _pack(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
-        """Stands in for ``LlavaNextModel.pack_image_features`` while the handle is attached.
+    def _pack_images(self, images: list[AnyresImage], features: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Packs the crops of each image of the batch in the model's stead (``Adapter.anyres_packing``).
 
-        image_features: per image, its (crops, N, D) projected crop tokens. An image whose crops keep
-        every token goes through the model's own packing; the others are reduced crop by crop from the
-        feature-layer states and laid out as the official code does (see the module docstring).
+        features: per image, its (crops, N, D) projected crop tokens. An image whose crops keep every
+        token is left to the model's own packing (None); the others are reduced crop by crop from the
+        feature-layer states, projected, and laid out by ``Adapter.pack_crops`` (see the module docstring).
         """
-        inner, plan = self._packed, self._plan
-        original = type(inner).pack_image_features.__get__(inner)
-        n = plan.side * plan.side
-        counts = self._image_counts(image_sizes)
-        crops = [int(f.shape[0]) for f in image_features]
-        if [c[0] for c in counts] != crops:
-            raise RuntimeError(f"{self.name}: image_sizes give {[c[0] for c in counts]} crops, features {crops}")
+        plan, adapter = self._plan, self._adapter
+        n = plan.tokens
+        total = sum(im.crops for im in images)
         feats, stats = self._feats, self._stats
         self._feats, self._stats = None, {}
-        out: list[torch.Tensor] = []
+        out: list[torch.Tensor | None] = []
+        encoded = []
         start = 0
-        for i, (feature, (c, rows, cols, full, kept)) in enumerate(zip(image_features, counts)):
-            rng = slice(start, start + c)
-            start += c
-            keep = self.crop_keep(n, c)
+        for image, feature in zip(images, features):
+            rng = slice(start, start + image.crops)
+            start += image.crops
+            keep = self.crop_keep(n, image.crops)
             if keep >= n:
-                whole, _ = original([feature], image_sizes[i : i + 1], vision_feature_select_strategy, image_newline)
-                out.append(whole[0])
+                out.append(None)
+                encoded.append((image.tokens, image.tokens))
                 continue
             missing = [j for j in self.stat_layers(plan) if j not in stats]
             if missing or feats is None:
                 raise RuntimeError(f"{self.name}: the vision encoder did not run before its features were packed")
-            if feats.shape[0] != sum(crops) or feats.shape[1] != n + 1:
-                raise RuntimeError(
-                    f"{self.name}: vision states of shape {tuple(feats.shape)} do not match {sum(crops)} crops"
-                )
+            if feats.shape[0] != total or feats.shape[1] != n + 1:
+                raise RuntimeError(f"{self.name}: vision states of shape {tuple(feats.shape)} do not match {total} crops")
             sub = {j: st.rows(rng) for j, st in stats.items()}
             red = self.reduce_crops(feats[rng, 1:], feats[rng, 0], sub, plan, keep)
-            tokens = inner.multi_modal_projector(red.tokens.to(feats.dtype)).to(feature.dtype)  # (c, keep, D)
-            g, lead = red.grid.shape[1], red.lead
-            high = tokens[1:]
-            order = anyres_order(red.grid[1:], rows, cols, plan.side).to(tokens.device)
-            dim = tokens.shape[-1]
-            packed = torch.cat(
-                [
-                    tokens[0],  # base view: the method's own per-crop order
-                    high[:, lead : lead + g].reshape(-1, dim)[order],  # kept patches, row-major on the high-res grid
-                    high[:, :lead].reshape(-1, dim),  # [CLS] of each high-res crop
-                    high[:, lead + g :].reshape(-1, dim),  # contextual tokens, crop by crop
-                ]
-            )
+            tokens = adapter.project(red.tokens.to(feats.dtype)).to(feature.dtype)  # (crops, keep, D)
+            packed = adapter.pack_crops(tokens, red.grid, red.lead, image)
+            kept = image.crops * keep
             if packed.shape[0] != kept:
                 raise RuntimeError(f"{self.name}: packed {packed.shape[0]} tokens for an image, expected {kept}")
             out.append(packed)
-        self._encoded = [(full, kept) for _, _, _, full, kept in counts]
-        lens = torch.tensor([t.shape[0] for t in out], dtype=torch.long, device=image_features[0].device)
-        return out, lens
+            encoded.append((image.tokens, kept))
+        self._encoded = encoded
+        return out
 
-    def _next_counts(self, kwargs: dict) -> list[tuple[int, int]]:
-        """LLaVA-NeXT: (placeholders unpruned, kept) per image of the batch, in order."""
+    def _anyres_counts(self, kwargs: dict) -> list[tuple[int, int]]:
+        """Anyres: (placeholders unpruned, kept) per image of the batch, in order."""
         if kwargs.get("pixel_values") is not None:
             if kwargs.get("image_sizes") is None:
-                raise InputError(f"{self.name}: llava_next needs image_sizes with pixel_values")
-            return [(full, kept) for _, _, _, full, kept in self._image_counts(kwargs["image_sizes"])]
-        # generate() encoded the images (through _pack) before this first forward, without image_sizes
+                raise InputError(f"{self.name}: {self._adapter.family} needs image_sizes with pixel_values")
+            return [(image.tokens, kept) for image, _, kept in self._image_counts(kwargs["image_sizes"])]
+        # generate() encoded the images (through _pack_images) before this first forward, without image_sizes
         encoded = kwargs["mm_encoder_outputs"]["image"].pooler_output
         lens = [int(t.shape[0]) for t in encoded]
         if not self._prunes:
@@ -438,7 +332,7 @@ class VisionPruner(Method):
     def _on_projector_input(self, module: torch.nn.Module, args: tuple) -> tuple | None:
         """Replace the (B, N, D) image tokens entering the projector by the reduced (B, kept, D)."""
         tokens = args[0]
-        n = self._plan.side * self._plan.side
+        n = self._plan.tokens
         if tokens.dim() != 3 or tokens.shape[1] != n or self.keep_count(n) >= n:
             return None
         missing = [i for i in self.stat_layers(self._plan) if i not in self._stats]
@@ -475,8 +369,8 @@ class VisionPruner(Method):
     def _spans(self, kwargs: dict) -> list[list[tuple[int, int, int]]]:
         """Per row, (start, end, kept) of each image's placeholder run."""
         input_ids = kwargs["input_ids"]
-        if self._plan.family == "llava_next":
-            counts = self._next_counts(kwargs)
+        if self._plan.anyres:
+            counts = self._anyres_counts(kwargs)
             try:
                 runs = self._adapter.split_spans(input_ids, [full for full, _ in counts])
             except ValueError as err:
@@ -485,7 +379,7 @@ class VisionPruner(Method):
                 raise InputError(f"{self.name}: {len(counts)} images but {sum(len(r) for r in runs)} placeholder runs")
             kept = iter(k for _, k in counts)
             return [[(s, e, next(kept)) for s, e in row] for row in runs]
-        n = self._plan.side * self._plan.side
+        n = self._plan.tokens
         # runs of placeholders; back-to-back images (one run) are cut into images of n tokens each
         runs = self._adapter.split_spans(input_ids, None)
         bad = sorted({e - s for row in runs for s, e in row if (e - s) % n})
@@ -512,13 +406,9 @@ class VisionPruner(Method):
         for r, row in enumerate(spans):
             for s, e, k in row:
                 keep[r, s + k : e] = False
-        counts = keep.sum(1)
-        width = int(counts.max())
         # gather index (B, width): left-padded again when rows drop different numbers of tokens
-        index = torch.full((bsz, width), -1, dtype=torch.long)
-        for r in range(bsz):
-            cols = keep[r].nonzero().flatten()
-            index[r, width - cols.numel() :] = cols
+        index = compact_left(keep)
+        width = index.shape[1]
         dropped_before = (~keep).long().cumsum(1)  # dropped tokens up to each column
         dropped_row = (~keep).sum(1)  # all are real tokens (placeholders)
         out = dict(kwargs)
@@ -529,8 +419,8 @@ class VisionPruner(Method):
                 value = value - dropped_before.to(value.device, value.dtype)
                 fill = 1
             else:
-                fill = self._adapter._pad_id() if key == "input_ids" else 0
-            out[key] = self._gather(value, index, fill)
+                fill = self._adapter.pad_id if key == "input_ids" else 0
+            out[key] = gather_left(value, index, fill)
         cache_position = kwargs.get("cache_position")
         if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1:
             out["cache_position"] = cache_position[:width]
@@ -544,15 +434,6 @@ class VisionPruner(Method):
         ).finish(LayerShape.from_adapter(self._adapter))
         return out
 
-    @staticmethod
-    def _gather(value: torch.Tensor, index: torch.Tensor, fill: Any) -> torch.Tensor:
-        idx = index.to(value.device)
-        safe = idx.clamp(min=0)
-        shape = (*safe.shape, *value.shape[2:])
-        gathered = value.gather(1, safe.view(*safe.shape, *([1] * (value.dim() - 2))).expand(shape))
-        pad = (idx < 0).view(*idx.shape, *([1] * (value.dim() - 2)))
-        return gathered.masked_fill(pad, fill) if bool(pad.any()) else gathered
-
     def _rewrite_decode(self, kwargs: dict, q_len: int, past_len: int) -> dict:
         """A decode step after a pruned prompt: generate() still holds the full-length mask and positions."""
         st = self._state
@@ -562,7 +443,7 @@ class VisionPruner(Method):
         if isinstance(attn, torch.Tensor) and attn.dim() == 2:
             if attn.shape[1] != past_len + q_len + shift:
                 return kwargs  # the caller already feeds masks over the pruned sequence
-            prompt = self._gather(attn[:, : st["seq"]], st["index"], 0)
+            prompt = gather_left(attn[:, : st["seq"]], st["index"], 0)
             out["attention_mask"] = torch.cat([prompt, attn[:, st["seq"] :]], dim=1)
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor) and pos.dim() == 2:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, Grid
+from .base import Adapter, AnyresImage, Grid, VisionFeatures, compact_left, gather_left
 from .families import ADAPTERS
 
 _BY_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -14,6 +14,14 @@ _BY_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 def list_models() -> list[str]:
     """Supported family names."""
     return [cls.family for cls in ADAPTERS]
+
+
+def adapter_class(family: str) -> type[Adapter]:
+    """The adapter class of a family name (see ``list_models``)."""
+    for cls in ADAPTERS:
+        if cls.family == family:
+            return cls
+    raise UnsupportedModelError(f"unknown model family {family!r}; supported families: {', '.join(list_models())}")
 
 
 def get_adapter(model: torch.nn.Module) -> Adapter:
@@ -28,4 +36,15 @@ def get_adapter(model: torch.nn.Module) -> Adapter:
     return cls(model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "Grid", "get_adapter", "list_models"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AnyresImage",
+    "Grid",
+    "VisionFeatures",
+    "adapter_class",
+    "compact_left",
+    "gather_left",
+    "get_adapter",
+    "list_models",
+]

@@ -2,16 +2,19 @@
 
 An adapter answers structural questions only (where are the language-model layers,
 which tokens are image tokens, how do they map to an image grid, what is the image-free
-variant of the inputs); it never knows about methods.
+variant of the inputs, how the vision encoder's output becomes image tokens, which token
+pads a batch); it never knows about methods.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
+
+from ..errors import UnsupportedModelError
 
 #: Input keys that carry images (dropped from the image-free variant of the inputs).
 VISION_INPUT_KEYS = (
@@ -43,6 +46,86 @@ class Grid:
         return self.start + i * self.stride + j
 
 
+def compact_left(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Left-pad compaction: (B, S) bool -> (B, width) gather index holding, per row, the kept columns in
+    their order, right-aligned, with -1 in the padding on the left (``width`` defaults to the most kept
+    in a row). Use with ``gather_left``; ``index >= 0`` is the new attention mask."""
+    keep = keep.bool()
+    counts = keep.sum(1)
+    if width is None:
+        width = int(counts.max()) if keep.shape[0] else 0
+    index = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+    for r in range(keep.shape[0]):
+        cols = keep[r].nonzero().flatten()
+        if cols.numel() > width:
+            raise ValueError(f"row {r} keeps {cols.numel()} tokens, more than the width {width}")
+        index[r, width - cols.numel() :] = cols
+    return index
+
+
+def gather_left(value: torch.Tensor, index: torch.Tensor, fill: Any) -> torch.Tensor:
+    """(B, S, ...) per-token tensor gathered along dim 1 by a ``compact_left`` index, ``fill`` where it is -1."""
+    idx = index.to(value.device)
+    safe = idx.clamp(min=0)
+    shape = (*safe.shape, *value.shape[2:])
+    gathered = value.gather(1, safe.view(*safe.shape, *([1] * (value.dim() - 2))).expand(shape))
+    pad = (idx < 0).view(*idx.shape, *([1] * (value.dim() - 2)))
+    return gathered.masked_fill(pad, fill) if bool(pad.any()) else gathered
+
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    """How the vision encoder's output becomes the language model's image tokens, per image (or crop).
+
+    ``layers``: the encoder layers in order (each with ``self_attn``); ``feature_layer``: index in
+    ``layers`` of the layer whose output the projector takes; ``has_cls``: that output starts with a
+    [CLS] token the language model never sees; ``side``: LLM tokens per image side (a square grid);
+    ``pool``: encoder patches per LLM token side (1: one token per patch, else a pool x pool average);
+    ``crop_counts``: for anyres families (a base view plus high-res crops, each a full encoder image),
+    the crop counts, base included, an image can have; empty when every image is one view.
+    """
+
+    layers: tuple[torch.nn.Module, ...]
+    feature_layer: int
+    has_cls: bool
+    side: int
+    pool: int = 1
+    crop_counts: tuple[int, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """LLM tokens per image (per crop for anyres families)."""
+        return self.side * self.side
+
+    @property
+    def anyres(self) -> bool:
+        """Whether an image is encoded as several crops (see ``Adapter.anyres_images``)."""
+        return bool(self.crop_counts)
+
+
+@dataclass(frozen=True)
+class AnyresImage:
+    """One image of an anyres family: ``crops`` encoder images (the base view, then ``rows`` x ``cols``
+    high-res crops, row-major) that become ``tokens`` placeholders when packed by the model."""
+
+    crops: int
+    rows: int
+    cols: int
+    tokens: int
+
+
+def _encoder_layers(tower: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The longest ModuleList of the tower whose entries have ``self_attn`` (the encoder layers)."""
+    best: list[torch.nn.Module] = []
+    for mod in tower.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) and all(hasattr(m, "self_attn") for m in mod):
+            if len(mod) > len(best):
+                best = list(mod)
+    if not best:
+        raise UnsupportedModelError(f"{type(tower).__name__}: no encoder layers with self_attn found")
+    return tuple(best)
+
+
 class Adapter:
     """Base adapter. Subclasses set ``family``, ``model_types`` and override what differs."""
 
@@ -67,6 +150,11 @@ class Adapter:
     #: Whether every token has one rotary position (1-D RoPE), so that a shortened sequence can be
     #: renumbered 0..n-1 (pruning with positions="official"); False for 3-D mRoPE (Qwen2/2.5/3-VL).
     positions_1d: ClassVar[bool] = True
+    #: Whether the adapter describes the path from the vision encoder to the image tokens
+    #: (``vision_features``, ``vision_feature_states``, ``projector_input`` and, for anyres families,
+    #: ``anyres_images`` / ``anyres_packing`` / ``pack_crops``), which methods acting inside the vision
+    #: encoder need.
+    describes_vision_features: ClassVar[bool] = False
 
     @property
     def first_droppable_layer(self) -> int:
@@ -216,21 +304,10 @@ class Adapter:
             for k, v in inputs.items()
             if isinstance(v, torch.Tensor) and v.shape[:2] == input_ids.shape and k not in VISION_INPUT_KEYS
         }
-        lengths = keep.sum(1)
-        width = int(lengths.max())
-        pad_id = self._pad_id()
-        out: dict[str, Any] = {}
-        for k, v in per_token.items():
-            fill = pad_id if k == "input_ids" else 0
-            new = v.new_full((v.shape[0], width, *v.shape[2:]), fill)
-            for r in range(v.shape[0]):
-                row = v[r][keep[r]]
-                new[r, width - row.shape[0] :] = row
-            out[k] = new
-        new_attn = torch.zeros(input_ids.shape[0], width, dtype=attn.dtype)
-        for r in range(input_ids.shape[0]):
-            new_attn[r, width - int(lengths[r]) :] = 1
-        out["attention_mask"] = new_attn
+        index = compact_left(keep)
+        pad_id = self.pad_id
+        out: dict[str, Any] = {k: gather_left(v, index, pad_id if k == "input_ids" else 0) for k, v in per_token.items()}
+        out["attention_mask"] = (index >= 0).to(attn.dtype)
         for k in ("token_type_ids", "mm_token_type_ids"):
             if k in out:
                 out[k] = torch.zeros_like(out[k])
@@ -240,7 +317,9 @@ class Adapter:
         """The module to call with text_only_inputs (the model itself, except where it requires images)."""
         return self.model
 
-    def _pad_id(self) -> int:
+    @property
+    def pad_id(self) -> int:
+        """The token id that pads a batch: the generation config's, else the text or top-level config's, else 0."""
         for cfg in (self.model.generation_config, self.text_config, self.config):
             pid = getattr(cfg, "pad_token_id", None)
             if pid is not None:
@@ -267,6 +346,73 @@ class Adapter:
             if type(m).__name__.endswith("Attention") and "Pooling" not in type(m).__name__
             and "Multihead" not in type(m).__name__
         ]
+
+    # -- vision encoder -> image tokens (for methods acting inside the vision encoder) ------------
+    def vision_encoder_layers(self) -> tuple[torch.nn.Module, ...]:
+        """The vision encoder's layers (each with ``self_attn``), in order."""
+        return _encoder_layers(self.vision_tower())
+
+    def vision_features(self) -> VisionFeatures:
+        """How the vision encoder's output becomes image tokens; UnsupportedModelError (one line, naming the
+        family) where the adapter does not describe it (``describes_vision_features`` False) or the
+        model's configuration is not one it can describe."""
+        raise UnsupportedModelError(f"family {self.family!r} does not describe its vision features")
+
+    def vision_attention(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recompute a vision attention module's attention from its forward pre-hook arguments (vision
+        towers run fused sdpa, which returns no weights): (B, H, S, S) float32 probabilities and
+        (B, H, S, hd) float32 keys, from its own q/k projections and additive mask."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        bsz, seq, _ = hidden.shape
+        heads, hd = module.num_heads, module.head_dim
+        q = module.q_proj(hidden).view(bsz, seq, heads, hd).transpose(1, 2).float()
+        k = module.k_proj(hidden).view(bsz, seq, heads, hd).transpose(1, 2).float()
+        scores = torch.matmul(q, k.transpose(-1, -2)) * module.scale
+        if mask is not None and mask.dtype != torch.bool:
+            scores = scores + mask.float()
+        return scores.softmax(-1), k
+
+    def vision_feature_states(self, output: Any) -> torch.Tensor | None:
+        """From the vision tower's forward output, the (B, S, D) states of the feature layer, [CLS]
+        included, as the projector's input is cut from them (None: not in this output)."""
+        return None
+
+    def projector_input(self) -> torch.nn.Module | None:
+        """The module whose forward takes the (B, N, D) image tokens of each image (N = side * side,
+        [CLS] dropped, pooled) as its first argument, before projection (a forward pre-hook may replace
+        them); None for anyres families, whose crops are packed (see ``anyres_packing``)."""
+        return None
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens (..., N, D) as the encoder produces them -> the language model's (..., N, D')."""
+        return self.model.model.multi_modal_projector(tokens)
+
+    def anyres_images(self, image_sizes: Any) -> list[AnyresImage]:
+        """Anyres families: per image of ``image_sizes`` (its (height, width)), its crops and placeholders."""
+        raise UnsupportedModelError(f"family {self.family!r} does not encode images as crops")
+
+    def anyres_packing(
+        self, pack_images: Callable[[list[AnyresImage], list[torch.Tensor]], list[torch.Tensor | None]]
+    ) -> tuple[Any, str, Callable]:
+        """Anyres families: (object, attribute name, stand-in) to set for the life of a handle
+        (``Handle.set_attr``) so that ``pack_images(images, features)`` packs each image's crops: it gets
+        the batch's images (AnyresImage, in order) and each one's (crops, N, D') projected crop features
+        and answers, per image, its packed (tokens, D') tensor or None (packed by the model as usual)."""
+        raise UnsupportedModelError(f"family {self.family!r} does not encode images as crops")
+
+    def pack_crops(self, tokens: torch.Tensor, grid: torch.Tensor, lead: int, image: AnyresImage) -> torch.Tensor:
+        """Anyres families: one image's reduced crops (crops, k, D'), ``tokens[:, lead : lead + g]`` the
+        kept grid patches at sorted patch indices ``grid`` (crops, g), laid out as one (tokens, D')
+        sequence (see the family's adapter)."""
+        raise UnsupportedModelError(f"family {self.family!r} does not encode images as crops")
+
+    # -- batches -------------------------------------------------------------------------------
+    @classmethod
+    def left_pad_batch(cls, batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
+        """The family processor's batch made truly left-padded (every row's real tokens right-aligned);
+        ``pad_id`` fills the padding of input_ids. Default: the processor already pads on the left."""
+        return batch
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__})"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .base import Adapter, Grid
+from ..errors import TransformersCompatError, UnsupportedModelError
+from .base import Adapter, AnyresImage, Grid, VisionFeatures, compact_left, gather_left
 
 
 def _base_side(config: Any) -> int:
@@ -15,12 +16,62 @@ def _base_side(config: Any) -> int:
     return vcfg.image_size // vcfg.patch_size
 
 
-class LlavaAdapter(Adapter):
+def anyres_order(grid: torch.Tensor, rows: int, cols: int, side: int) -> torch.Tensor:
+    """Order of the kept grid patches of rows x cols crops read row-major across the whole high-res grid.
+
+    grid (rows*cols, g): sorted patch indices (row-major on a crop's side x side grid) kept in each
+    crop, crops row-major. Returns the permutation of ``grid.flatten()`` (crop-major) that reads them
+    along the rows of the (rows*side) x (cols*side) grid (LLaVA-NeXT's 'spatial' layout, without
+    unpadding or newline tokens).
+    """
+    crop = torch.arange(grid.shape[0], device=grid.device)[:, None]
+    y = (crop // cols) * side + grid // side
+    x = (crop % cols) * side + grid % side
+    return (y * (cols * side) + x).flatten().argsort()
+
+
+class _LlavaFeatures:
+    """LLaVA-1.5 / LLaVA-NeXT vision path: CLIP with [CLS]; the projector reads one encoder layer's
+    output (``vision_feature_layer``) without [CLS] (``vision_feature_select_strategy="default"``)."""
+
+    describes_vision_features = True
+
+    def _llava_features(self, crop_counts: tuple[int, ...] = ()) -> VisionFeatures:
+        cfg = self.config
+        layers = self.vision_encoder_layers()
+        fl = cfg.vision_feature_layer
+        if not isinstance(fl, int) or isinstance(fl, bool):
+            raise UnsupportedModelError(f"{self.family} with several vision_feature_layer values is not supported")
+        if cfg.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                f"{self.family} with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} "
+                "is not supported (only 'default')"
+            )
+        index = fl % (len(layers) + 1) - 1  # hidden_states[i] is the output of encoder layer i - 1
+        if index < 0:
+            raise UnsupportedModelError(f"{self.family} vision_feature_layer={fl} takes the embeddings, not a layer")
+        return VisionFeatures(layers, index, True, _base_side(cfg), 1, crop_counts)
+
+    def vision_feature_states(self, output: Any) -> torch.Tensor | None:
+        states = getattr(output, "hidden_states", None)
+        fl = self.config.vision_feature_layer
+        if states is not None and -len(states) <= fl < len(states) and states[fl] is not None:
+            return states[fl]
+        return None
+
+
+class LlavaAdapter(_LlavaFeatures, Adapter):
     """LLaVA-1.5: CLIP patches (CLS dropped) as one square grid per image."""
 
     family = "llava"
     model_types = ("llava",)
     global_view_cropped = True  # CLIP's processor: shortest-edge resize, then centre crop
+
+    def vision_features(self) -> VisionFeatures:
+        return self._llava_features()
+
+    def projector_input(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
 
     def image_token_counts(self, inputs: dict[str, Any]) -> list[int] | None:
         pixel_values = inputs.get("pixel_values")
@@ -32,11 +83,18 @@ class LlavaAdapter(Adapter):
         return [side * side] * pixel_values.shape[0]
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(_LlavaFeatures, Adapter):
     """LLaVA-NeXT: base-image grid, then the unpadded high-res grid with one newline token per row.
 
     Newline tokens carry the image token id (they are part of the image features), so they are
     image positions; image_grids() leaves them out of the high-res grid.
+
+    Vision features: each image is a base view plus rows x cols high-res crops, every crop a full
+    CLIP grid; ``LlavaNextModel.pack_image_features`` lays them out (base grid, unpadded high-res
+    grid, newlines). ``anyres_packing`` diverts that packing (the only place that sees both the crops
+    and ``image_sizes``: generate() encodes images through ``get_image_features`` and drops
+    ``image_sizes`` before the first forward); ``pack_crops`` lays reduced crops out as the original
+    LLaVA-NeXT code's 'spatial' merge does.
     """
 
     family = "llava_next"
@@ -99,12 +157,97 @@ class LlavaNextAdapter(Adapter):
             out.append(grids)
         return out
 
+    # -- vision features (anyres) -------------------------------------------------------------
+    def vision_features(self) -> VisionFeatures:
+        tile = self.config.vision_config.image_size
+        pinpoints = self.config.image_grid_pinpoints
+        crops = tuple(sorted({1 + (int(h) // tile) * (int(w) // tile) for h, w in pinpoints}))
+        return self._llava_features(crops)
+
+    def anyres_images(self, image_sizes: Any) -> list[AnyresImage]:
+        sizes = torch.as_tensor(image_sizes)
+        fulls = self.image_token_counts({"image_sizes": sizes})
+        out = []
+        for size, full in zip(sizes.tolist(), fulls):
+            rows, cols = self.crop_grid(size)
+            out.append(AnyresImage(1 + rows * cols, rows, cols, full))
+        return out
+
+    def anyres_packing(
+        self, pack_images: Callable[[list[AnyresImage], list[torch.Tensor]], list[torch.Tensor | None]]
+    ) -> tuple[Any, str, Callable]:
+        from ..hooks import compat
+
+        inner = self.model.model
+        if not callable(getattr(type(inner), "pack_image_features", None)):
+            raise TransformersCompatError(
+                f"{type(inner).__name__} has no pack_image_features ({compat.where()}); "
+                f"attnkit cannot repack {self.family}'s crops"
+            )
+        if "pack_image_features" in vars(inner):
+            raise UnsupportedModelError(
+                f"pack_image_features of this {self.family} model is already replaced (one replacement at a time)"
+            )
+        original = type(inner).pack_image_features.__get__(inner)
+
+        def pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            images = self.anyres_images(image_sizes)
+            crops = [int(f.shape[0]) for f in image_features]
+            if [im.crops for im in images] != crops:
+                raise RuntimeError(f"{self.family}: image_sizes give {[im.crops for im in images]} crops, features {crops}")
+            packed = pack_images(images, list(image_features))
+            out: list[torch.Tensor] = []
+            for i, (feature, tokens) in enumerate(zip(image_features, packed)):
+                if tokens is None:
+                    whole, _ = original([feature], image_sizes[i : i + 1], vision_feature_select_strategy, image_newline)
+                    tokens = whole[0]
+                out.append(tokens)
+            lens = torch.tensor([t.shape[0] for t in out], dtype=torch.long, device=image_features[0].device)
+            return out, lens
+
+        return inner, "pack_image_features", pack
+
+    def pack_crops(self, tokens: torch.Tensor, grid: torch.Tensor, lead: int, image: AnyresImage) -> torch.Tensor:
+        """The 'spatial' merge of the original LLaVA-NeXT code, without unpadding or newline tokens: the base
+        crop's tokens in their own order; then the high-res crops' grid tokens read row-major across the
+        whole high-res grid; then their ``lead`` tokens, crop by crop; then their trailing tokens (those
+        after the grid ones), crop by crop."""
+        g, dim = grid.shape[1], tokens.shape[-1]
+        high = tokens[1:]
+        order = anyres_order(grid[1:], image.rows, image.cols, self.vision_features().side).to(tokens.device)
+        return torch.cat(
+            [
+                tokens[0],
+                high[:, lead : lead + g].reshape(-1, dim)[order],
+                high[:, :lead].reshape(-1, dim),
+                high[:, lead + g :].reshape(-1, dim),
+            ]
+        )
+
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """LLaVA-OneVision: as LLaVA-NeXT, plus the anyres_max_9 downscaling of large high-res grids."""
+    """LLaVA-OneVision: as LLaVA-NeXT, plus the anyres_max_9 downscaling of large high-res grids.
+
+    Its vision features (SigLIP, no [CLS], per-row patching rules) are not described."""
 
     family = "llava_onevision"
     model_types = ("llava_onevision",)
+    describes_vision_features = False
+
+    def vision_features(self) -> VisionFeatures:
+        return Adapter.vision_features(self)
+
+    def vision_feature_states(self, output: Any) -> torch.Tensor | None:
+        return None
+
+    def anyres_images(self, image_sizes: Any) -> list[AnyresImage]:
+        return Adapter.anyres_images(self, image_sizes)
+
+    def anyres_packing(self, pack_images: Callable) -> tuple[Any, str, Callable]:
+        return Adapter.anyres_packing(self, pack_images)
+
+    def pack_crops(self, tokens: torch.Tensor, grid: torch.Tensor, lead: int, image: AnyresImage) -> torch.Tensor:
+        return Adapter.pack_crops(self, tokens, grid, lead, image)
 
     def _anyres(self, inputs: dict[str, Any]) -> list[bool]:
         # a row with several images gets base grids only (the model's need_patching rule)
@@ -193,6 +336,17 @@ class InstructBlipAdapter(Adapter):
     def text_only_model(self) -> torch.nn.Module:
         return self.model.language_model
 
+    @classmethod
+    def left_pad_batch(cls, batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
+        """InstructBlipProcessor prepends the query placeholders to already padded text: [query][pad][text].
+        Each row becomes [pad][query][text] (input_ids and attention_mask)."""
+        mask = batch["attention_mask"]
+        index = compact_left(mask.bool(), width=mask.shape[1])
+        batch = dict(batch)
+        batch["input_ids"] = gather_left(batch["input_ids"], index, pad_id)
+        batch["attention_mask"] = gather_left(mask, index, 0)
+        return batch
+
 
 class InternVLAdapter(Adapter):
     """InternVL: <img> image x (tokens per tile x tiles) </img>; one square grid per tile."""
@@ -228,6 +382,19 @@ class Gemma3Adapter(Adapter):
     model_types = ("gemma3",)
     wrap_before = 1
     wrap_after = 1
+    describes_vision_features = True
+
+    def vision_features(self) -> VisionFeatures:
+        """SigLIP (no [CLS]); the projector average-pools the last layer's patches into
+        ``mm_tokens_per_image`` tokens, one per pool x pool cell."""
+        layers = self.vision_encoder_layers()
+        side = math.isqrt(int(self.config.mm_tokens_per_image))
+        vcfg = self.config.vision_config
+        return VisionFeatures(layers, len(layers) - 1, False, side, (vcfg.image_size // vcfg.patch_size) // side)
+
+    def projector_input(self) -> torch.nn.Module:
+        # the pooled features enter the projector's soft-embedding norm
+        return self.model.model.multi_modal_projector.mm_soft_emb_norm
 
     def rotary_embeddings(
         self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
