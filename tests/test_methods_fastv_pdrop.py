@@ -235,7 +235,7 @@ class SpyPAI(PAI):
         layer = ctx.layer
         self.seen = getattr(self, "seen", [])
         self.seen.append((layer, int(ctx.image_mask_kv()[0].sum()), scores.shape[-1]))
-        return super().scores(ctx, layer, scores)
+        return super().scores(ctx, scores)
 
 
 @pytest.mark.parametrize("kind", ["fastv", "pdrop"])

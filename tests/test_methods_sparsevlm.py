@@ -307,7 +307,7 @@ class CountingPAI(PAI):
         layer = ctx.layer
         if ctx.is_prefill:
             self.seen[layer] = int(ctx.image_mask_kv()[0, : scores.shape[-1]].sum())
-        return super().scores(ctx, layer, scores)
+        return super().scores(ctx, scores)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -188,7 +188,7 @@ def test_drop_errors():
     class Uneven(EveryOther):
         def select(self, ctx, hidden):
             layer = ctx.layer
-            keep = super().select(ctx, layer, hidden)
+            keep = super().select(ctx, hidden)
             if keep is not None:
                 keep[0, -1] = False  # row 0 loses one more token
             return keep
