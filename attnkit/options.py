@@ -76,8 +76,16 @@ class OptionSpec:
         return f"{text}, {rng}" if rng else text
 
     def help_line(self) -> str:
-        default = "" if self.default is _NO_DEFAULT else f"; default {_show(self.default)}"
-        return f"{self.help or self.name} ({self.describe()}{default})"
+        """The help text with what the field takes and its default (plain text and switches: less said)."""
+        parts = []
+        if not self.is_flag:
+            desc = self.describe()
+            if desc not in ("str", "str or none"):
+                parts.append(desc)
+            if self.default is not _NO_DEFAULT and self.default is not None:
+                parts.append(f"default {_show(self.default)}")
+        extra = f" ({'; '.join(parts)})" if parts else ""
+        return f"{self.help or self.name}{extra}"
 
     def parse(self, text: str) -> Any:
         """The field's value from CLI text; ValueError with a short reason on bad input."""
@@ -254,8 +262,11 @@ def parse_text(tp: Any, text: str) -> Any:
         raise ValueError(text)
     if tp is int:
         return int(stripped)
-    if tp is float:
-        return float(stripped)
+    if tp is float:  # an integer literal stays an int (a valid float field value; messages show it as typed)
+        try:
+            return int(stripped)
+        except ValueError:
+            return float(stripped)
     if tp is str:
         return text
     if isinstance(tp, type):
