@@ -38,7 +38,10 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import chair, grounding, pope  # noqa: F401 (they register themselves)
+    from . import chair, grounding, pope  # they register themselves on first import
+
+    for cls in (pope.PopeTask, chair.ChairTask, grounding.GroundingTask):
+        _REGISTRY.setdefault(cls.name, cls)  # (again, if the registry was replaced since)
 
     for ep in entry_points(group="attnkit.tasks"):
         try:
