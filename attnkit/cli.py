@@ -261,9 +261,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            temperature=args.temperature, top_p=args.top_p)
     model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code, seed=args.seed)
-    task_fields = _all_task_fields()
+    from .eval import get_task_class
+    from .options import option_specs
+
+    # other tasks' flags (not given) and the --METHOD.FIELD flags (as pairs) left out of the record
+    others = _all_task_fields() - {s.name for s in option_specs(get_task_class(args.task).Options)}
     config = {k: v for k, v in vars(args).items()
-              if k != "func" and not k.startswith(_METHOD_DEST) and not (k in task_fields and v is None)}
+              if k != "func" and not k.startswith(_METHOD_DEST) and not (k in others and v is None)}
+    if _method_flag_pairs(args):
+        config["method_flags"] = _method_flag_pairs(args)
     run_task(task, model, processor, methods, args.output, settings, model_id=args.model, config=config)
     return 0
 

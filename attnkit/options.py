@@ -364,5 +364,5 @@ def example(tp: Any) -> str:
 def bad_value(owner: str, spec: OptionSpec, text: str) -> str:
     """The one-line message for text that does not parse as the field's type."""
     ex = example(spec.type)
-    hint = f" (e.g. {ex}, or JSON)" if ex and ex not in ("text",) else ""
-    return f"{owner}: {spec.name}={text!r} is not {describe_type(spec.type)}{hint}"
+    hint = f" (e.g. {ex} or JSON)" if any(c in ex for c in ",:") else ""
+    return f"{owner}: {spec.name}={text!r}: expected {describe_type(spec.type)}{hint}"
