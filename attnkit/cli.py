@@ -9,78 +9,105 @@ from typing import Any
 from .errors import AttnkitError
 
 
+def _split_pair(pair: str) -> tuple[str, str]:
+    if "=" not in pair:
+        raise AttnkitError(f"--method-arg {pair!r}: expected key=value")
+    k, v = pair.split("=", 1)
+    return k.strip(), v
+
+
 def _parse_method_args(pairs: list[str]) -> dict[str, Any]:
-    """``k=v`` strings -> kwargs, values parsed as int, float, bool, None or left as strings."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise AttnkitError(f"--method-arg {pair!r}: expected key=value")
-        k, v = pair.split("=", 1)
-        lowered = v.strip().lower()
-        val: Any = v
-        if lowered in ("true", "false"):
-            val = lowered == "true"
-        elif lowered in ("none", "null"):
-            val = None
-        else:
-            for conv in (int, float):
-                try:
-                    val = conv(v)
-                    break
-                except ValueError:
-                    pass
-        out[k.strip()] = val
-    return out
+    """``k=v`` strings -> kwargs, values guessed as int, float, bool, None or left as strings (untyped;
+    ``_make_methods`` parses each value by the type of the config field it sets)."""
+    from .options import guess_value
+
+    return {k: guess_value(v) for k, v in map(_split_pair, pairs)}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     import attnkit
 
-    from .eval import TASKS
+    from .eval import list_tasks
 
-    print("methods:  " + ", ".join(attnkit.list_methods()))
+    if not args.verbose:
+        print("methods:  " + ", ".join(attnkit.list_methods()))
+        print("families: " + ", ".join(attnkit.list_models()))
+        print("tasks:    " + ", ".join(list_tasks()))
+        return 0
     print("families: " + ", ".join(attnkit.list_models()))
-    print("tasks:    " + ", ".join(TASKS))
+    print()
+    print(_methods_help(attnkit.list_methods()))
+    print()
+    print(_tasks_help(list_tasks()))
     return 0
 
 
-def _parse_layers(text: str | None) -> list[int] | None:
-    """"8-15" or "2,4,6" or "2,8-10" -> sorted layer indices; None or "all" -> None."""
-    if text is None or text.strip().lower() == "all":
-        return None
-    out: set[int] = set()
+def _spec_lines(specs: list[Any], flag: Any) -> list[str]:
+    if not specs:
+        return ["    (no options)"]
+    return [f"    {flag(s)}\n        {s.help_line()}" for s in specs]
+
+
+def _methods_help(names: list[str]) -> str:
+    """Each method's options: ``--method-arg NAME.FIELD=VALUE`` or ``--NAME.FIELD VALUE``, with help and range."""
+    from .methods.registry import get_method_class
+
+    out = ["method options (--method-arg [NAME.]FIELD=VALUE or --NAME.FIELD VALUE):"]
+    for n in names:
+        cls = get_method_class(n)
+        doc = (cls.__doc__ or "").strip().split("\n")[0]
+        out.append(f"  {n}: {doc}" if doc else f"  {n}:")
+        out += _spec_lines(cls.Config.options(), lambda s, n=n: f"{n}.{s.name}=")
+    return "\n".join(out)
+
+
+def _tasks_help(names: list[str]) -> str:
+    from .eval import get_task_class
+    from .options import option_specs
+
+    out = ["task options (attnkit eval --task NAME --FLAG VALUE):"]
+    for n in names:
+        cls = get_task_class(n)
+        out.append(f"  {n}: {cls.description}" if cls.description else f"  {n}:")
+        out += _spec_lines(option_specs(cls.Options), lambda s: s.flag if s.is_flag else f"{s.flag} VALUE")
+    return "\n".join(out)
+
+
+def _method_value(method: str, cls: Any, field: str, text: str) -> Any:
+    """``text`` parsed by the declared type of ``field`` of ``cls.Config``; one-line MethodArgumentError if it does not parse."""
+    from .errors import MethodArgumentError
+    from .options import bad_value
+
+    spec = next(s for s in cls.Config.options() if s.name == field)
     try:
-        for part in text.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                out.update(range(int(lo), int(hi) + 1))
-            else:
-                out.add(int(part))
+        return spec.parse(text)
     except ValueError:
-        raise AttnkitError(f"--layers {text!r}: expected indices like 8-15 or 2,4,6") from None
-    return sorted(out)
+        raise MethodArgumentError(bad_value(method, spec, text)) from None
 
 
 def _make_methods(names: str | None, pairs: list[str]) -> list[Any]:
     """``--method a,b`` with ``--method-arg [name.]k=v`` -> Method objects (``none`` or empty: no method).
 
     A bare ``k=v`` goes to every listed method that has the field ``k``; ``name.k=v`` to that one.
+    Each value is parsed by the declared type of the field it sets (see ``attnkit.options``).
     """
     import dataclasses
 
     from .errors import MethodArgumentError
     from .methods.registry import get_method_class, make_method
 
-    listed = [n.strip() for n in (names or "").split(",") if n.strip() and n.strip().lower() != "none"]
+    listed = [n.strip().lower() for n in (names or "").split(",") if n.strip() and n.strip().lower() != "none"]
     classes = [get_method_class(n) for n in listed]
     kwargs: list[dict[str, Any]] = [{} for _ in listed]
-    for key, value in _parse_method_args(pairs).items():
+    for key, text in map(_split_pair, pairs):
         target, _, field = key.rpartition(".")
+        target = target.lower()
         hit = False
         for i, (n, cls) in enumerate(zip(listed, classes)):
             fields = {f.name for f in dataclasses.fields(cls.Config)}
-            if (target and target == n) or (not target and field in fields):
-                kwargs[i][field] = value
+            name = field if field in fields or field.replace("-", "_") not in fields else field.replace("-", "_")
+            if (target and target == n) or (not target and name in fields):
+                kwargs[i][name] = _method_value(n, cls, name, text) if name in fields else text
                 hit = True
         if not hit:
             if not listed:
@@ -94,57 +121,131 @@ def _make_methods(names: str | None, pairs: list[str]) -> list[Any]:
     return [make_method(n, **kw) for n, kw in zip(listed, kwargs)]
 
 
+# Flags of `attnkit eval` added from declarations: a task option FIELD is --FIELD (dest FIELD), a
+# method option is --METHOD.FIELD (dest below). Values arrive as raw text (None: not given) and are
+# parsed by the field's type in cmd_eval, so one flag can serve several tasks that declare it.
+_METHOD_DEST = "method_option:"
+
+
+def _task_options(name: str, args: argparse.Namespace) -> Any:
+    """The chosen task's Options from the raw flag values (typed, range-checked); warns about flags
+    that belong to other tasks only (ignored, as before)."""
+    from .eval import get_task_class, list_tasks
+    from .options import bad_value, option_specs
+
+    cls = get_task_class(name)
+    specs = option_specs(cls.Options)
+    values: dict[str, Any] = {}
+    for spec in specs:
+        raw = getattr(args, spec.name, None)
+        if raw is None:
+            continue
+        if isinstance(raw, bool):
+            value = raw
+        else:
+            try:
+                value = spec.parse(raw)
+            except ValueError:
+                raise AttnkitError(bad_value(cls.name, spec, raw)) from None
+        problem = spec.check(value)
+        if problem:
+            raise AttnkitError(f"{cls.name}: {problem}")
+        values[spec.name] = value
+    mine = {s.name for s in specs}
+    for other in list_tasks():
+        for spec in option_specs(get_task_class(other).Options):
+            if spec.name not in mine and getattr(args, spec.name, None) is not None:
+                print(f"attnkit: warning: {spec.flag} is a {other} option; --task {name} ignores it", file=sys.stderr)
+                mine.add(spec.name)
+    options = cls.Options(**values)
+    for spec in specs:  # the resolved values go into results.json
+        setattr(args, spec.name, getattr(options, spec.name))
+    return options
+
+
+def _all_task_fields() -> set[str]:
+    from .eval import get_task_class, list_tasks
+    from .options import option_specs
+
+    return {s.name for t in list_tasks() for s in option_specs(get_task_class(t).Options)}
+
+
+def _add_declared_flags(e: argparse.ArgumentParser, task: str | None, methods: list[str]) -> None:
+    """Add every registered task's option flags and every method's ``--METHOD.FIELD`` flags to the eval
+    parser; those of the chosen ``--task`` / ``--method`` are shown in ``--help``, the rest hidden."""
+    import attnkit
+
+    from .eval import get_task_class, list_tasks
+    from .methods.registry import get_method_class
+    from .options import option_specs
+
+    tasks = list_tasks()
+    chosen = task if task in tasks else None
+    reserved = {a.dest for a in e._actions}
+    added: set[str] = set()
+    group = e.add_argument_group(f"{chosen} options (--task {chosen})") if chosen else None
+    for name in ([chosen] if chosen else []) + [t for t in tasks if t != chosen]:
+        for spec in option_specs(get_task_class(name).Options):
+            if spec.name in added:
+                continue
+            if spec.name in reserved:
+                if name == chosen:
+                    raise AttnkitError(f"task {name!r}: option {spec.name!r} clashes with the general flag "
+                                       f"--{spec.name.replace('_', '-')}")
+                continue
+            added.add(spec.name)
+            shown = name == chosen
+            target = group if shown and group is not None else e
+            kw: dict[str, Any] = {"dest": spec.name, "default": None,
+                                  "help": spec.help_line() if shown else argparse.SUPPRESS}
+            if spec.is_flag:
+                target.add_argument(spec.flag, action="store_const", const=True, **kw)
+            else:
+                target.add_argument(spec.flag, metavar=spec.name.upper(), **kw)
+    for name in attnkit.list_methods():
+        cls = get_method_class(name)
+        shown = name in methods
+        mgroup = e.add_argument_group(f"{name} options (--method {name}; or --method-arg {name}.FIELD=VALUE)") \
+            if shown else e
+        for spec in cls.Config.options():
+            dest = f"{_METHOD_DEST}{name}.{spec.name}"
+            mgroup.add_argument(f"--{name}.{spec.name.replace('_', '-')}", dest=dest, default=None,
+                                metavar=spec.name.upper(), help=spec.help_line() if shown else argparse.SUPPRESS)
+            if "_" in spec.name:  # the --method-arg spelling too, unlisted
+                e.add_argument(f"--{name}.{spec.name}", dest=dest, default=None, help=argparse.SUPPRESS)
+
+
+def _prescan(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--task`` and ``--method`` of an ``eval`` command line, before the full parse (they choose flags and help)."""
+    if not argv or argv[0] != "eval":
+        return None, []
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default=None)
+    pre.add_argument("--method", default=None)
+    known, _ = pre.parse_known_args(argv[1:])
+    methods = [m.strip().lower() for m in (known.method or "").split(",") if m.strip()]
+    return (known.task.strip().lower() if known.task else None), methods
+
+
 def _make_task(args: argparse.Namespace) -> Any:
-    from .eval import TASKS
+    """The task of ``--task`` built from its declared options (the testbed's bundled data with ``--model testbed``)."""
+    from .eval import get_task_class
 
-    name = args.task
-    if name not in TASKS:
-        raise AttnkitError(f"unknown task {name!r} (valid: {', '.join(TASKS)})")
-    if args.model == "testbed" and args.data_dir is None and args.annotations is None:
-        return _testbed_task(args)
-    if name == "pope":
-        from .eval.pope import PopeTask
+    cls = get_task_class(args.task)
+    options = _task_options(cls.name, args)
+    if args.model == "testbed":
+        from .testbed.tasks import testbed_task
 
-        if args.data_dir is None:
-            raise AttnkitError("--task pope needs --data-dir (question files or the lmms-lab/POPE dataset)")
-        kw: dict[str, Any] = {"source": args.source or "coco", "splits": (args.split or "adversarial").split(","),
-                              "image_dir": args.image_dir, "strict": args.strict}
-        if args.suffix is not None:
-            kw["suffix"] = args.suffix
-        return PopeTask(args.data_dir, **kw)
-    annotations = args.annotations or args.data_dir
-    if annotations is None:
-        raise AttnkitError(f"--task {name} needs --annotations (the COCO annotations dir)")
-    split = args.split or "val2014"
-    if name == "chair":
-        from .eval.chair import ChairTask
-
-        return ChairTask(annotations, args.image_dir, split=split, num_images=args.num_images, seed=args.seed,
-                         vocab=args.vocab)
-    from .eval.grounding import GroundingTask
-
-    kw = {"split": split, "refs": args.refs, "layers": _parse_layers(args.layers)}
-    if args.suffix is not None:
-        kw["suffix"] = args.suffix
-    return GroundingTask(annotations, args.image_dir, **kw)
+        task = testbed_task(cls.name, options, seed=args.seed)
+        if task is not None:
+            return task
+    return cls.from_options(options, seed=args.seed)
 
 
-def _testbed_task(args: argparse.Namespace) -> Any:
-    """The task on the testbed's bundled val data (``--model testbed`` without a data dir)."""
-    from . import testbed
-
-    kw: dict[str, Any] = {}
-    if args.suffix is not None and args.task != "chair":
-        kw["suffix"] = args.suffix
-    if args.task == "pope":
-        return testbed.pope_task((args.split or "adversarial").split(","), strict=args.strict, **kw)
-    if args.split is not None and args.split != testbed.SPLIT:
-        raise AttnkitError(f"--split {args.split}: the testbed ships only its {testbed.SPLIT!r} split")
-    if args.task == "chair":
-        if args.vocab is not None:
-            kw["vocab"] = args.vocab
-        return testbed.chair_task(min(args.num_images, testbed.N_VAL), seed=args.seed, **kw)
-    return testbed.grounding_task(layers=_parse_layers(args.layers), **kw)
+def _method_flag_pairs(args: argparse.Namespace) -> list[str]:
+    """``--METHOD.FIELD VALUE`` flags as ``METHOD.FIELD=VALUE`` pairs (after the --method-arg ones, so they win)."""
+    return [f"{dest[len(_METHOD_DEST):]}={v}" for dest, v in vars(args).items()
+            if dest.startswith(_METHOD_DEST) and v is not None]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -153,14 +254,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     task = _make_task(args)
-    methods = _make_methods(args.method, args.method_arg)
+    methods = _make_methods(args.method, [*args.method_arg, *_method_flag_pairs(args)])
     settings = RunSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                            seed=args.seed, resume=args.resume, skip_missing=args.skip_missing,
                            progress=not args.no_progress, do_sample=args.do_sample,
                            temperature=args.temperature, top_p=args.top_p)
     model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code, seed=args.seed)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    from .eval import get_task_class
+    from .options import option_specs
+
+    # other tasks' flags (not given) and the --METHOD.FIELD flags (as pairs) left out of the record
+    others = _all_task_fields() - {s.name for s in option_specs(get_task_class(args.task).Options)}
+    config = {k: v for k, v in vars(args).items()
+              if k != "func" and not k.startswith(_METHOD_DEST) and not (k in others and v is None)}
+    if _method_flag_pairs(args):
+        config["method_flags"] = _method_flag_pairs(args)
     run_task(task, model, processor, methods, args.output, settings, model_id=args.model, config=config)
     return 0
 
@@ -225,7 +334,10 @@ def _demo_family(args: argparse.Namespace) -> int:
 
     if args.family not in testing.FAMILIES:
         raise AttnkitError(f"unknown family {args.family!r} (valid: {', '.join(testing.FAMILIES)})")
-    method = attnkit.make_method(args.method, **_parse_method_args(args.method_arg))
+    made = _make_methods(args.method, args.method_arg)
+    if len(made) != 1:
+        raise AttnkitError(f"--method {args.method}: --family takes exactly one method")
+    method = made[0]
     model, inputs = testing.tiny_model(args.family, seed=args.seed)
     processor = testing.tiny_processor(args.family)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -257,31 +369,39 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``argv`` (when given) picks the ``eval`` task and method options shown in ``--help``."""
+    task, methods = _prescan(list(argv) if argv is not None else [])
     p = _Parser(prog="attnkit", description="Training-free attention methods for VLMs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("list", help="list methods, model families and tasks").set_defaults(func=cmd_list)
+    ls = sub.add_parser("list", help="list methods, model families and tasks")
+    ls.add_argument("--verbose", "-v", action="store_true", help="with every method's and task's options")
+    ls.set_defaults(func=cmd_list)
 
-    e = sub.add_parser("eval", help="run a benchmark task (pope, chair, grounding) through a wrapped model")
+    # The declared task and method flags import every method (torch): only for an eval command line
+    # (or a parser asked for without one).
+    declared = argv is None or bool(argv) and argv[0] == "eval"
+    epilog = []
+    if declared:
+        import attnkit
+
+        from .eval import list_tasks
+
+        if task not in list_tasks():
+            epilog.append(_tasks_help(list_tasks()))
+        if not any(m in attnkit.list_methods() for m in methods):
+            epilog.append(_methods_help(attnkit.list_methods()))
+        epilog.append("values: lists 2,4,8-10; dicts 3:0,1;4:2; none; true/false; or JSON ([2, 4], "
+                      "{\"3\": [0, 1]})")
+    e = sub.add_parser("eval", help="run a registered task (pope, chair, grounding, ...) through a wrapped model",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(epilog) or None)
     e.add_argument("--model", required=True,
                    help="hub id, local path, testbed (the shipped toy VLM; its data is the default) or tiny:FAMILY")
     e.add_argument("--method", default="none", help="method name(s), comma-separated; 'none' = unwrapped")
     e.add_argument("--method-arg", action="append", default=[], metavar="[NAME.]K=V")
-    e.add_argument("--task", required=True, help="pope, chair or grounding")
-    e.add_argument("--source", default=None, help="POPE source: coco, aokvqa, gqa (default coco)")
-    e.add_argument("--split", default=None,
-                   help="POPE: random, popular, adversarial, comma list or all (default adversarial); "
-                        "CHAIR/grounding: COCO split (default val2014)")
-    e.add_argument("--data-dir", default=None, help="POPE question files or dataset; CHAIR/grounding annotations")
-    e.add_argument("--image-dir", default=None, help="images (POPE default: DATA_DIR/images)")
-    e.add_argument("--annotations", default=None, help="COCO annotations dir (instances_*.json, captions_*.json)")
-    e.add_argument("--refs", default=None, help="grounding: RefCOCO-style refs JSON (image_id, ann_id, sentences)")
-    e.add_argument("--layers", default=None, help="grounding: layers to average, e.g. 8-15 (default all)")
-    e.add_argument("--num-images", type=int, default=500, help="CHAIR: images sampled from the split")
-    e.add_argument("--vocab", default=None,
-                   help="CHAIR: vocabulary JSON ({category: [synonyms]}) of a non-COCO set (default COCO's)")
-    e.add_argument("--strict", action="store_true", help="POPE: replies that are not clearly yes/no count as unknown")
-    e.add_argument("--suffix", default=None, help="text appended to each question (POPE default: ' Please answer yes or no.')")
+    e.add_argument("--task", required=True, help="a registered task (attnkit list); its options are flags, "
+                                                  "see attnkit eval --task NAME --help")
     e.add_argument("--limit", type=int, default=None, help="run only the first N samples")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (POPE 16, CHAIR 512)")
@@ -297,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+    if declared:
+        _add_declared_flags(e, task, methods)
 
     c = sub.add_parser("chair", help="score captions produced elsewhere with CHAIR")
     c.add_argument("captions", help="JSONL (or JSON list) of {image_id, caption}")
@@ -336,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = build_parser(argv).parse_args(argv)
         return args.func(args)
     except AttnkitError as e:
         print(f"attnkit: error: {e}", file=sys.stderr)

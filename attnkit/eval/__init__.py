@@ -1,13 +1,37 @@
-"""Evaluation layer: tasks (POPE, CHAIR, attention grounding), the runner, and the run's files."""
+"""Evaluation layer: tasks (POPE, CHAIR, attention grounding), the runner, and the run's files.
+
+Tasks are registered by name (``register_task``; third parties via the ``attnkit.tasks``
+entry-point group); ``TASKS`` is a read-only view name -> one-line description.
+"""
 
 from __future__ import annotations
 
-from .base import Sample, Task
+from collections.abc import Iterator, Mapping
 
-TASKS: dict[str, str] = {
-    "pope": "POPE yes/no object probing (Li et al. 2023): accuracy, precision, recall, F1, yes-ratio",
-    "chair": "CHAIR caption hallucination on COCO (Rohrbach et al. 2018): CHAIR_s, CHAIR_i, Recall, Len",
-    "grounding": "attention pointing game on COCO-format boxes: hit rate and attention mass in the box",
-}
+from .base import NoOptions, Sample, Task
+from .registry import UnknownTaskError, get_task_class, list_tasks, make_task, register_task
 
-__all__ = ["TASKS", "Sample", "Task"]
+
+class _TaskDescriptions(Mapping):
+    """Read-only, live view of the registry: task name -> one-line description."""
+
+    def __getitem__(self, name: str) -> str:
+        if name not in list_tasks():
+            raise KeyError(name)
+        cls = get_task_class(name)
+        return cls.description or (cls.__doc__ or "").strip().split("\n")[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list_tasks())
+
+    def __len__(self) -> int:
+        return len(list_tasks())
+
+    def __repr__(self) -> str:
+        return f"TASKS({dict(self)!r})"
+
+
+TASKS: Mapping[str, str] = _TaskDescriptions()
+
+__all__ = ["NoOptions", "Sample", "TASKS", "Task", "UnknownTaskError", "get_task_class", "list_tasks", "make_task",
+           "register_task"]

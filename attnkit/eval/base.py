@@ -7,6 +7,7 @@ back to ``Task.score``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,33 @@ def coco_image_dir(annotations_dir: Path, split: str) -> Path:
     return next((d for d in (parent / split, parent / "images") if d.is_dir()), annotations_dir)
 
 
+@dataclass
+class NoOptions:
+    """The options of a task that has none."""
+
+
 class Task:
-    """Base class of evaluation tasks. Subclasses set ``name`` and implement the methods below."""
+    """Base class of evaluation tasks. Subclasses set ``name`` and implement the methods below.
+
+    Register one with ``attnkit.eval.register_task`` (or the ``attnkit.tasks`` entry-point group);
+    ``Options`` is the dataclass of its command-line options (fields made with
+    ``attnkit.options.option(default, help=..., lo=..., hi=..., choices=...)``, each one becoming an
+    ``attnkit eval`` flag: ``data_dir`` -> ``--data-dir``) and ``from_options`` builds the task from it.
+    """
 
     name: str = ""
+    #: one line for ``attnkit list``
+    description: str = ""
+    #: the task's options (a dataclass); ``attnkit eval --task NAME`` takes each field as a flag
+    Options: type = NoOptions
     #: max_new_tokens when the user does not give one
     default_max_new_tokens: int = 16
+
+    @classmethod
+    def from_options(cls, options: Any, *, seed: int = 0) -> Task:
+        """The task built from its ``Options`` (how ``attnkit eval`` makes it); ``seed`` is the run's
+        ``--seed``. The default passes every field to the constructor as a keyword argument."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
 
     def load(self) -> list[Sample]:
         """All samples of the run, in a fixed order. Raise ``attnkit.errors.DataError`` naming the culprit."""

@@ -79,6 +79,8 @@ from attnkit.errors import DataError, OutputError
 from attnkit.eval import chair_words as W
 from attnkit.eval.base import Sample, Task, coco_image_dir
 from attnkit.eval.records import read_json
+from attnkit.eval.registry import register_task
+from attnkit.options import option
 
 DEFAULT_PROMPT = "Please describe this image in detail."
 _CACHE_FORMAT = "attnkit.chair.ground_truth/1"
@@ -559,6 +561,20 @@ def format_summary(metrics: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- task
 
 
+@dataclasses.dataclass
+class ChairOptions:
+    """``attnkit eval --task chair`` options."""
+
+    annotations: str | None = option(None, help="COCO annotations dir (instances_SPLIT.json, captions_SPLIT.json)")
+    data_dir: str | None = option(None, help="same as --annotations")
+    image_dir: str | None = option(None, help="images (default: SPLIT/ or images/ next to the annotations dir)")
+    split: str | None = option(None, help="COCO split (default val2014)")
+    num_images: int = option(500, help="images sampled from the split (with --seed)", lo=1)
+    vocab: str | None = option(None, help="vocabulary JSON ({category: [synonyms]}) of a non-COCO set "
+                                          "(default COCO's)")
+
+
+@register_task
 class ChairTask(Task):
     """CHAIR over ``num_images`` images sampled from a COCO split, one detailed-description prompt each.
 
@@ -568,7 +584,17 @@ class ChairTask(Task):
     """
 
     name = "chair"
+    description = "CHAIR caption hallucination on COCO (Rohrbach et al. 2018): CHAIR_s, CHAIR_i, Recall, Len"
+    Options = ChairOptions
     default_max_new_tokens = 512
+
+    @classmethod
+    def from_options(cls, options: ChairOptions, *, seed: int = 0) -> ChairTask:
+        annotations = options.annotations or options.data_dir
+        if annotations is None:
+            raise DataError("--task chair needs --annotations (the COCO annotations dir)")
+        return cls(annotations, options.image_dir, split=options.split or "val2014", num_images=options.num_images,
+                   seed=seed, vocab=options.vocab)
 
     def __init__(
         self,

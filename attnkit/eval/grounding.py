@@ -25,7 +25,9 @@ import torch
 
 from ..errors import DataError, UnsupportedModelError
 from ..methods.base import Method, MethodConfig
+from ..options import option
 from .base import Sample, Task, coco_image_dir
+from .registry import register_task
 
 DEFAULT_QUESTION = "Is there a {object} in the image?"
 DEFAULT_SUFFIX = " Please answer yes or no."
@@ -159,11 +161,36 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"{path}: invalid JSON ({e})") from None
 
 
+@dataclasses.dataclass
+class GroundingOptions:
+    """``attnkit eval --task grounding`` options."""
+
+    annotations: str | None = option(None, help="COCO-format annotations dir or instances file (with boxes)")
+    data_dir: str | None = option(None, help="same as --annotations")
+    image_dir: str | None = option(None, help="images (default: SPLIT/ or images/ next to the annotations)")
+    split: str | None = option(None, help="COCO split (default val2014)")
+    refs: str | None = option(None, help="RefCOCO-style refs JSON (image_id, ann_id, sentences)")
+    layers: list[int] | None = option(None, help="layers whose attention is averaged, e.g. 8-15 or 2,4,6 "
+                                                 "(all or none: every layer)", lo=0, aliases={"all": None})
+    suffix: str = option(DEFAULT_SUFFIX, help="text appended to each question")
+
+
+@register_task
 class GroundingTask(Task):
     """Pointing game on a COCO-format set: one question per object, scored on answer-time attention."""
 
     name = "grounding"
+    description = "attention pointing game on COCO-format boxes: hit rate and attention mass in the box"
+    Options = GroundingOptions
     default_max_new_tokens = 8
+
+    @classmethod
+    def from_options(cls, options: GroundingOptions, *, seed: int = 0) -> GroundingTask:
+        annotations = options.annotations or options.data_dir
+        if annotations is None:
+            raise DataError("--task grounding needs --annotations (the COCO annotations dir)")
+        return cls(annotations, options.image_dir, split=options.split or "val2014", refs=options.refs,
+                   layers=options.layers, suffix=options.suffix)
 
     def __init__(
         self,

@@ -14,12 +14,15 @@ import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from attnkit.errors import DataError, OutputError
 from attnkit.eval.base import Sample, Task
 from attnkit.eval.records import read_json
+from attnkit.eval.registry import register_task
+from attnkit.options import option
 
 SOURCES: tuple[str, ...] = ("coco", "aokvqa", "gqa", "shapes")  # shapes: attnkit's testbed set
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -440,6 +443,20 @@ def build_pope(
 # ----------------------------------------------------------------------------- task
 
 
+@dataclass
+class PopeOptions:
+    """``attnkit eval --task pope`` options."""
+
+    data_dir: str | None = option(None, help="question files ({source}_pope_{split}.json) or the lmms-lab/POPE "
+                                             "dataset (a local copy or the hub name)")
+    image_dir: str | None = option(None, help="images of the question files (default DATA_DIR/images)")
+    source: str = option("coco", help="question source: coco, aokvqa, gqa (shapes: the testbed's)")
+    split: str = option("adversarial", help="random, popular, adversarial, a comma list or all")
+    strict: bool = option(False, help="replies that are not clearly yes/no count as unknown")
+    suffix: str = option(DEFAULT_SUFFIX, help="text appended to each question")
+
+
+@register_task
 class PopeTask(Task):
     """POPE yes/no object probing over one source and one or more splits.
 
@@ -449,7 +466,16 @@ class PopeTask(Task):
     """
 
     name = "pope"
+    description = "POPE yes/no object probing (Li et al. 2023): accuracy, precision, recall, F1, yes-ratio"
+    Options = PopeOptions
     default_max_new_tokens = 16
+
+    @classmethod
+    def from_options(cls, options: PopeOptions, *, seed: int = 0) -> PopeTask:
+        if options.data_dir is None:
+            raise DataError("--task pope needs --data-dir (question files or the lmms-lab/POPE dataset)")
+        return cls(options.data_dir, source=options.source, splits=options.split.split(","),
+                   image_dir=options.image_dir, suffix=options.suffix, strict=options.strict)
 
     def __init__(
         self,

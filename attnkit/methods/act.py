@@ -30,12 +30,13 @@ class ACTConfig(MethodConfig):
     "first_token" (the row's first real token) or "first_sink" (the official code's: the first column
     above the threshold, per head)."""
 
-    beta: float = 0.4
-    threshold: float = 0.1
-    start_layer: int = 2
-    skip_last: int = 1
-    heads: dict[int, list[int]] | None = None
-    spare: str = "first_token"
+    beta: float = MethodConfig.option(0.4, help="factor on the attention to sink columns (1 = off)", lo=0.0, hi=1.0)
+    threshold: float = MethodConfig.option(0.1, help="smallest mean attention of a sink column", lo=0.0, hi=1.0)
+    start_layer: int = MethodConfig.option(2, help="first layer calibrated", lo=0)
+    skip_last: int = MethodConfig.option(1, help="last layers left alone: layers [start_layer, L - skip_last)", lo=0)
+    heads: dict[int, list[int]] | None = MethodConfig.option(
+        None, help="{layer: [head, ...]} to calibrate (none = every head of those layers)", lo=0)
+    spare: str = MethodConfig.option("first_token", help="the column never calibrated", choices=SPARE)
 
     def validate(self) -> None:
         check_range("act", "beta", self.beta, 0.0, 1.0)

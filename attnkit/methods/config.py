@@ -6,11 +6,23 @@ import dataclasses
 from typing import Any
 
 from ..errors import MethodArgumentError
+from ..options import OptionSpec, option, option_specs
 
 
 @dataclasses.dataclass
 class MethodConfig:
-    """Base of method configs. Subclasses are dataclasses and validate in ``__post_init__``."""
+    """Base of method configs. Subclasses are dataclasses and validate in ``__post_init__``.
+
+    Declare each field with ``option(default, help=..., lo=..., hi=..., choices=...)`` (also reachable as
+    ``MethodConfig.option``): the CLI builds the method's options, their parsing and help from it.
+    """
+
+    option = staticmethod(option)
+
+    @classmethod
+    def options(cls) -> list[OptionSpec]:
+        """The declared fields: name, type, default, help, range."""
+        return option_specs(cls)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -46,3 +58,6 @@ def build_config(cls: type[MethodConfig], method: str, kwargs: dict[str, Any]) -
         valid = ", ".join(fields) if fields else "none"
         raise MethodArgumentError(f"{method}: unknown argument {unknown[0]!r} (valid: {valid})")
     return cls(**kwargs)
+
+
+__all__ = ["MethodConfig", "OptionSpec", "build_config", "check_int", "check_range", "option"]

@@ -23,9 +23,9 @@ class FastVConfig(MethodConfig):
     """k: the first layer without the dropped tokens (0-based; ranked at layer k-1); r: fraction of the
     image tokens dropped; mode: "drop" (remove them) or "mask" (mask them as keys)."""
 
-    k: int = 2
-    r: float = 0.5
-    mode: str = "drop"
+    k: int = MethodConfig.option(2, help="first layer without the dropped tokens (ranked at layer k-1)", lo=1)
+    r: float = MethodConfig.option(0.5, help="fraction of the image tokens dropped", lo=0.0, hi=1.0)
+    mode: str = MethodConfig.option("drop", help="drop: remove the tokens; mask: mask them as keys", choices=("drop", "mask"))
 
     def validate(self) -> None:
         check_int("fastv", "k", self.k, 1, None)

@@ -86,9 +86,9 @@ class HiPruneConfig(MethodConfig):
     the budget for anchors and their buffers; object_layer: 1-based vision layer of the anchors (None:
     the family's default)."""
 
-    budget: int | None = None
-    alpha: float = 0.1
-    object_layer: int | None = None
+    budget: int | None = MethodConfig.option(None, help="tokens kept per image (none = the family's default)", lo=1)
+    alpha: float = MethodConfig.option(0.1, help="share of the budget for anchors and their buffers", lo=0.0, hi=1.0)
+    object_layer: int | None = MethodConfig.option(None, help="1-based vision layer of the anchors (none = the family's)", lo=1)
 
     def validate(self) -> None:
         if self.budget is not None:

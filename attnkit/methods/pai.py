@@ -22,10 +22,10 @@ class PAIConfig(MethodConfig):
     """alpha: amplification of the image scores (0 = off); layers [start_layer, end_layer) (end None =
     the last layer included); cfg_gamma: guidance scale of the image-free contrast (None = off)."""
 
-    alpha: float = 0.2
-    start_layer: int = 2
-    end_layer: int | None = None
-    cfg_gamma: float | None = None
+    alpha: float = MethodConfig.option(0.2, help="amplification of the image attention scores (0 = off)", lo=0.0)
+    start_layer: int = MethodConfig.option(2, help="first layer amplified", lo=0)
+    end_layer: int | None = MethodConfig.option(None, help="layer after the last amplified, > start_layer (none = all)", lo=1)
+    cfg_gamma: float | None = MethodConfig.option(None, help="guidance scale of the image-free contrast (none = off)", lo=0.0)
 
     def validate(self) -> None:
         check_range("pai", "alpha", self.alpha, 0.0, None)

@@ -28,10 +28,13 @@ class PyramidDropConfig(MethodConfig):
     the image tokens each stage keeps; mode: "drop" or "mask"; positions: "original" (kept tokens keep
     their positions) or "official" (renumbered after each drop, as the official code; drop mode)."""
 
-    layers: tuple[int, ...] = (8, 16, 24)
-    ratio: float = 0.5
-    mode: str = "drop"
-    positions: str = "original"
+    layers: tuple[int, ...] = MethodConfig.option(
+        (8, 16, 24), help="stage boundaries for a 32-layer model (scaled to the depth), increasing", lo=1)
+    ratio: float = MethodConfig.option(0.5, help="fraction of the image tokens each stage keeps, > 0", lo=0.0, hi=1.0)
+    mode: str = MethodConfig.option("drop", help="drop: remove the tokens; mask: mask them as keys", choices=("drop", "mask"))
+    positions: str = MethodConfig.option(
+        "original", help="kept tokens keep their positions, or official: renumbered (drop mode)",
+        choices=("original", "official"))
 
     def validate(self) -> None:
         if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):

@@ -50,12 +50,16 @@ class SparseVLMConfig(MethodConfig):
     positions: "original" (kept tokens keep their positions, a merged token its centre's) or "official"
     (merged tokens after the kept image tokens, all renumbered after each stage; drop mode)."""
 
-    budget: int = 192
-    layers: tuple[int, ...] = (2, 6, 15)
-    depth: int | None = REFERENCE_DEPTH
-    recycle: bool = True
-    mode: str = "drop"
-    positions: str = "original"
+    budget: int = MethodConfig.option(192, help="image tokens kept of 576: 64, 96, 128, 192 (or >= 576: all)", lo=1)
+    layers: tuple[int, ...] = MethodConfig.option(
+        (2, 6, 15), help="3 increasing layers whose attention ranks the image tokens", lo=0)
+    depth: int | None = MethodConfig.option(
+        REFERENCE_DEPTH, help="depth the layers are given for (none = absolute indices), > layers[-1] + 1", lo=1)
+    recycle: bool = MethodConfig.option(True, help="merge the best-related dropped tokens into cluster tokens")
+    mode: str = MethodConfig.option("drop", help="drop: remove the tokens; mask: mask them as keys", choices=("drop", "mask"))
+    positions: str = MethodConfig.option(
+        "original", help="kept tokens keep their positions, or official: renumbered (drop mode)",
+        choices=("original", "official"))
 
     def validate(self) -> None:
         check_int("sparsevlm", "budget", self.budget, 1, None)

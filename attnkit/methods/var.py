@@ -39,13 +39,14 @@ class VARConfig(MethodConfig):
     visual-sink share of a row's image attention; summ: smallest image attention of a row; layers
     [start_layer, L - skip_last); sink_dims: the massive-activation dimensions (None = table / input)."""
 
-    p: float = 0.6
-    tau: float = 20.0
-    rho: float = 0.5
-    summ: float = 0.2
-    start_layer: int = 2
-    skip_last: int = 1
-    sink_dims: list[int] | None = None
+    p: float = MethodConfig.option(0.6, help="factor on the attention to sink tokens (1 = off)", lo=0.0, hi=1.0)
+    tau: float = MethodConfig.option(20.0, help="sink threshold on |normed hidden| at the sink dimensions", lo=0.0)
+    rho: float = MethodConfig.option(0.5, help="largest visual-sink share of a row's image attention", lo=0.0, hi=1.0)
+    summ: float = MethodConfig.option(0.2, help="smallest image attention of a row", lo=0.0, hi=1.0)
+    start_layer: int = MethodConfig.option(2, help="first layer rewritten", lo=0)
+    skip_last: int = MethodConfig.option(1, help="last layers left alone: layers [start_layer, L - skip_last)", lo=0)
+    sink_dims: list[int] | None = MethodConfig.option(
+        None, help="massive-activation dimensions (none = the table's for known models)", lo=0)
 
     def validate(self) -> None:
         check_range("var", "p", self.p, 0.0, 1.0)

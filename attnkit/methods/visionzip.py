@@ -20,8 +20,8 @@ class VisionZipConfig(MethodConfig):
     """dominant: tokens kept by attention per image ([CLS] included when the encoder has one);
     contextual: tokens the remaining ones are merged into, per image."""
 
-    dominant: int = 54
-    contextual: int = 10
+    dominant: int = MethodConfig.option(54, help="tokens kept by attention per image ([CLS] included)", lo=1)
+    contextual: int = MethodConfig.option(10, help="tokens the remaining ones are merged into, per image", lo=0)
 
     def validate(self) -> None:
         check_int("visionzip", "dominant", self.dominant, 1, None)

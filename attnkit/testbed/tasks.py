@@ -101,3 +101,28 @@ class ShapesChairTask(ChairTask):
     def summary(self, metrics: dict[str, Any]) -> str:
         return (super().summary(metrics) + f"\n\nhallucinated mentions naming a present shape's partner: "
                 f"{metrics['hallucinated_partner']} of {metrics['num_hallucinated']} ({metrics['partner_share']:.1f}%)")
+
+
+def testbed_task(name: str, options: Any, *, seed: int = 0) -> Any:
+    """The task ``name`` on the testbed's bundled val data (``attnkit eval --model testbed``), or None when
+    ``options`` point at other data (a data dir or annotations) or the testbed has nothing for ``name``."""
+    from .. import testbed
+    from ..errors import AttnkitError
+
+    from ..eval.chair import ChairOptions
+    from ..eval.grounding import GroundingOptions
+    from ..eval.pope import PopeOptions
+
+    builtin = {"pope": PopeOptions, "chair": ChairOptions, "grounding": GroundingOptions}
+    if type(options) is not builtin.get(name):
+        return None
+    if getattr(options, "data_dir", None) is not None or getattr(options, "annotations", None) is not None:
+        return None
+    if name == "pope":
+        return testbed.pope_task(options.split.split(","), strict=options.strict, suffix=options.suffix)
+    if options.split is not None and options.split != testbed.SPLIT:
+        raise AttnkitError(f"--split {options.split}: the testbed ships only its {testbed.SPLIT!r} split")
+    if name == "chair":
+        kw = {"vocab": options.vocab} if options.vocab is not None else {}
+        return testbed.chair_task(min(options.num_images, testbed.N_VAL), seed=seed, **kw)
+    return testbed.grounding_task(layers=options.layers, suffix=options.suffix)
