@@ -178,7 +178,7 @@ class Handle:
             for m in self.methods:
                 m._states = self.state.states  # Method.state(): per-generation state, owned by the handle
                 m.attach(self)
-            # always: the bypass check and output_attentions; with methods also the ForwardContext
+            # always: the bypass check and output_attentions; with methods also the ForwardState
             self.add_hook(self.adapter.context_module(), self._on_forward, pre=True, with_kwargs=True)
             if self.methods:
                 self._route(View(self.state))

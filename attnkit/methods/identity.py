@@ -1,6 +1,6 @@
-"""Identity: a no-op that forces attnkit's eager attention path on every layer.
+"""Identity: a no-op that routes every layer through attnkit's reference kernel.
 
-Used by tests (eager path == fused sdpa) and benchmarks (cost of the eager path). It
+Used by tests (reference kernel == fused sdpa) and benchmarks (cost of the reference kernel). It
 rewrites nothing, so its output equals the unwrapped model up to float rounding.
 """
 

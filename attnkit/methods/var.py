@@ -90,7 +90,7 @@ class VAR(Method):
     3. In those pairs only, post-softmax: attention to every sink (visual and text) is multiplied by
        p and the freed mass goes to the non-sink image tokens in proportion to their attention, so
        rows still sum to 1. Other rows use fused sdpa; at decode only layers with a visual sink run
-       the eager path.
+       the reference kernel.
 
     sink_dims: the explicit list if given; else the table ``SINK_DIMS`` (the paper's values: LLaMA-2-7B
     / Vicuna-7B {2533, 1415}, LLaMA-2-13B {2100, 4743}, Qwen2-7B {458, 2570}, InternLM2 of InternVL2-8B

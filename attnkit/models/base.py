@@ -222,7 +222,7 @@ class Adapter:
         return mask
 
     def context_module(self) -> torch.nn.Module:
-        """The module whose forward starts each prefill / decode step (its pre-hook feeds the ForwardContext)."""
+        """The module whose forward starts each prefill / decode step (its pre-hook feeds the ForwardState)."""
         return self.model
 
     def image_mask_from_layout(self, attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
