@@ -1,33 +1,44 @@
-"""The image-free branch: the same prompts without their images, run as extra rows of the batch.
+"""Contrast rows: a variant of the user's batch (see methods.base.Contrast) run as extra rows of the same batch.
 
-A decoding-level method that contrasts the model with and without the image (PAI's CFG step)
-needs the image-free next-token distribution at every step. Rather than a second model call per
-step, the manager appends the image-free prompts to the batch on the forward pre-hook of the
-model (left-padded to the prompt length), so one forward computes both halves and the KV cache
-holds the branch's own rows. At every decode step the branch rows receive the token the user's
-row received. The output hook drops the branch rows from the logits after the ``logits``
-callbacks have used them, so ``generate`` never sees them.
+A decoding-level method that contrasts the model with a variant of its input (PAI's image-free CFG step,
+VCD's noised images, ICD's disturbed instruction) needs the variant's next-token distribution at every
+step. Rather than a second model call per step, the manager appends the variant's rows to the batch on
+the forward pre-hook of the model, so one forward computes both halves and the KV cache holds the
+variant's own rows. At every decode step the contrast rows receive the token the user's row received.
+The output hook drops the contrast rows from the output after the ``logits`` callbacks have used them,
+so ``generate`` never sees them.
 
-Per-row inputs the model receives from ``generate`` are extended for the branch: token ids or
-embeddings, the 2-D attention mask, position ids (2-D, or 3-D for mRoPE, rebuilt from the
-branch's own mask as ``generate`` does), token-type ids (zeros: no image tokens) and
-``batch_num_images`` (zeros). Everything else (vision features, grids) only concerns image rows
-and passes through unchanged.
+The variants, at prefill: ``no_image`` the prompts without their image tokens, left-padded to the prompt
+length; ``pixels`` the user's rows repeated; ``prompt`` the altered prompt, left-padded to the prompt
+length. Per-row inputs are extended for the contrast rows: token ids or embeddings, the 2-D attention
+mask, position ids (copies for ``pixels``; else 2-D, or 3-D for mRoPE, rebuilt from the rows' own mask as
+``generate`` does), token-type ids (zeros for ``no_image``; copies for ``pixels``; the user's values at
+the image tokens for ``prompt``) and ``batch_num_images``. For ``pixels`` and ``prompt`` the rows carry
+images: the per-image inputs are repeated by the adapter (``repeat_image_inputs``), the repeat altered
+by the ``pixels`` function, both where the forward receives them and in the model's
+``get_image_features`` (shadowed on the instance while wrapped), where ``generate`` encodes the images
+before the first forward.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import InputError
-from ..models.base import compact_left, gather_left
+from ..errors import InputError, TransformersCompatError, UnsupportedModelError
+from ..models.base import IMAGE_INPUT_KEYS, compact_left, gather_left
 
 if TYPE_CHECKING:
+    from ..methods.base import Contrast
     from ..models.base import Adapter
+    from .manager import Handle
 
 TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+#: The vision encoder's entry point that generate() and the model's forward call (public in transformers >= 5).
+ENCODER = "get_image_features"
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -53,42 +64,97 @@ def _cache_batch(cache: Any) -> int | None:
         return None
 
 
-class TextBranch:
-    """Builds the doubled inputs of each forward and remembers the branch's attention mask."""
+class ContrastBranch:
+    """Builds the extended inputs of each forward for one Contrast and remembers the rows' attention mask."""
 
-    def __init__(self, adapter: Adapter) -> None:
+    def __init__(self, adapter: Adapter, contrast: Contrast) -> None:
         self.adapter = adapter
-        self.mask: torch.Tensor | None = None  # (B, kv) mask of the branch rows so far
+        self.contrast = contrast
+        self.kind = contrast.kind
+        self.mask: torch.Tensor | None = None  # (B, kv) mask of the contrast rows so far
         self.rows = 0
+        self._encoder: Any = None  # the unshadowed get_image_features, while it is shadowed
+        self._passthrough = False  # this forward's image inputs are repeated already
+        self._encoded = False  # get_image_features encoded the repeated images since the last prefill
+
+    @property
+    def image_free(self) -> bool:
+        """Whether the contrast rows hold no image."""
+        return self.kind == "no_image"
+
+    @property
+    def _what(self) -> str:
+        return f"the {self.kind} contrast rows"
+
+    def attach(self, handle: Handle) -> None:
+        """For rows that carry images: check the family, and shadow the model's ``get_image_features``
+        (through ``handle.set_attr``) so that every encoding also encodes the contrast rows' images."""
+        if self.image_free:
+            return
+        self.adapter.repeat_image_inputs({}, self.contrast.pixels)  # UnsupportedModelError where it cannot
+        if self.kind == "prompt" and not self.adapter.positions_1d:
+            raise UnsupportedModelError(
+                f"{self.adapter.family}: contrast rows with an altered prompt need their own mRoPE positions "
+                "(not supported); use kind='pixels' or 'no_image'"
+            )
+        owner = getattr(self.adapter.model, "base_model", None)
+        original = getattr(owner, ENCODER, None)
+        if not callable(original):
+            raise TransformersCompatError(
+                f"{type(self.adapter.model).__name__}: no base_model.{ENCODER}; attnkit cannot repeat its images"
+            )
+        params = inspect.signature(original).parameters
+        rest = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        if "pixel_values" not in params:
+            raise TransformersCompatError(f"{type(owner).__name__}.{ENCODER} takes no pixel_values")
+
+        @functools.wraps(original)  # generate() picks the encoder's inputs by its signature
+        def encode(*args: Any, **kwargs: Any) -> Any:
+            if self._passthrough:  # the forward's own inputs, repeated by the pre-hook
+                self._passthrough = False
+                return original(*args, **kwargs)
+            call = dict(inspect.signature(original).bind_partial(*args, **kwargs).arguments)
+            call.update(call.pop(rest, None) or {})
+            self._encoded = True
+            return original(**self.adapter.repeat_image_inputs(call, self.contrast.pixels))
+
+        self._encoder = original
+        handle.set_attr(owner, ENCODER, encode)
+
+    def done(self) -> None:
+        """The forward ended (its output hook)."""
+        self._passthrough = False
 
     def expand(self, kwargs: dict[str, Any], past_len: int, cache: Any = None) -> dict[str, Any]:
-        """``kwargs`` of one forward with the branch rows appended (a new dict); ``cache`` is the KV
+        """``kwargs`` of one forward with the contrast rows appended (a new dict); ``cache`` is the KV
         cache the forward carries (found by type, see compat.find_cache)."""
+        self._passthrough = False
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
-            raise InputError("the image-free branch (PAI cfg_gamma) needs input_ids or inputs_embeds")
+            raise InputError(f"{self._what} need input_ids or inputs_embeds")
         attn = kwargs.get("attention_mask")
         if attn is not None and (not isinstance(attn, torch.Tensor) or attn.dim() != 2):
-            raise InputError("the image-free branch (PAI cfg_gamma) needs a 2-D attention_mask (use a dynamic cache)")
+            raise InputError(f"{self._what} need a 2-D attention_mask (use a dynamic cache)")
         batch, q_len = ref.shape[:2]
         main_mask = attn if attn is not None else torch.ones(batch, past_len + q_len, dtype=torch.long, device=ref.device)
+        types: dict[str, torch.Tensor] = {}
         if past_len == 0:
-            branch_ref, branch_mask = self._prefill_rows(ids, embeds, main_mask, kwargs)
+            branch_ref, branch_mask, types = self._prefill_rows(ids, embeds, main_mask, kwargs)
         else:
             if self.mask is None or self.rows != batch:
-                raise InputError("the image-free branch has no prefill for this batch: start with the whole prompt")
+                raise InputError(f"{self._what} have no prefill for this batch: start with the whole prompt")
             cached = _cache_batch(cache)
             if cached is not None and cached != 2 * batch:
                 raise InputError(
-                    f"the image-free branch expects a KV cache of {2 * batch} rows, got {cached} "
-                    "(beam search and cache reordering are not supported with PAI cfg_gamma)"
+                    f"{self._what} expect a KV cache of {2 * batch} rows, got {cached} "
+                    "(beam search and cache reordering are not supported with contrast rows, e.g. PAI cfg_gamma)"
                 )
             branch_ref = ref
             branch_mask = torch.cat([self.mask, self.mask.new_ones(batch, q_len)], dim=1)
             if branch_mask.shape[1] != main_mask.shape[1]:
-                raise InputError("the image-free branch lost track of the sequence length (restart from the prompt)")
+                raise InputError(f"{self._what} lost track of the sequence length (restart from the prompt)")
         self.mask, self.rows = branch_mask, batch
 
         out = dict(kwargs)
@@ -97,22 +163,48 @@ class TextBranch:
         for key in TOKEN_TYPE_KEYS:
             value = kwargs.get(key)
             if isinstance(value, torch.Tensor):
-                out[key] = torch.cat([value, torch.zeros_like(value)], dim=0)
+                twin = types.get(key, torch.zeros_like(value) if self.image_free else value)
+                out[key] = torch.cat([value, twin], dim=0)
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor):
-            branch_pos = positions(branch_mask)[:, -pos.shape[-1] :].to(pos.dtype)
-            if pos.dim() == 3:  # mRoPE (k, B, q): an image-free row has the text position in every part
-                branch_pos = branch_pos[None].expand(pos.shape[0], -1, -1)
+            if self.kind == "pixels":
+                branch_pos = pos  # the same rows
+            else:
+                branch_pos = positions(branch_mask)[:, -pos.shape[-1] :].to(pos.dtype)
+                if pos.dim() == 3:  # mRoPE (k, B, q): an image-free row has the text position in every part
+                    branch_pos = branch_pos[None].expand(pos.shape[0], -1, -1)
             out["position_ids"] = torch.cat([pos, branch_pos], dim=pos.dim() - 2)
         per_row = kwargs.get("batch_num_images")
         if isinstance(per_row, torch.Tensor) and per_row.dim() == 1 and per_row.shape[0] == batch:
-            out["batch_num_images"] = torch.cat([per_row, torch.zeros_like(per_row)])
+            out["batch_num_images"] = torch.cat([per_row, torch.zeros_like(per_row) if self.image_free else per_row])
+        if not self.image_free:
+            out = self._repeat_images(out, past_len)
+        return out
+
+    def _repeat_images(self, out: dict[str, Any], past_len: int) -> dict[str, Any]:
+        """The forward's image inputs for the contrast rows: raw ones repeated here (and passed through the
+        shadowed encoder as they are); features encoded by generate() checked to hold the repeat."""
+        if any(isinstance(out.get(k), torch.Tensor) for k in IMAGE_INPUT_KEYS):
+            out = self.adapter.repeat_image_inputs(out, self.contrast.pixels)
+            self._passthrough = isinstance(out.get("pixel_values"), torch.Tensor)
+        if past_len == 0 and not self._passthrough:
+            encoded = out.get("mm_encoder_outputs")
+            if isinstance(encoded, dict) and encoded.get("image") is not None and not self._encoded:
+                raise InputError(f"{self._what}: the images were encoded outside the wrap (pass pixel_values)")
+        if past_len == 0:
+            self._encoded = False
         return out
 
     def _prefill_rows(
         self, ids: torch.Tensor | None, embeds: torch.Tensor | None, main_mask: torch.Tensor, kwargs: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(branch ids or embeddings, branch mask), left-padded to the prompt length."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(contrast ids or embeddings, their mask, their token types where not derived), at the prompt length."""
+        if self.kind == "pixels":
+            if ids is None:
+                raise InputError(f"{self._what} need input_ids (inputs_embeds already hold the images)")
+            return ids, main_mask, {}
+        if self.kind == "prompt":
+            return self._prompt_rows(ids, main_mask, kwargs)
         batch, q_len = main_mask.shape
         if ids is not None:
             source = {"input_ids": ids, "attention_mask": main_mask}
@@ -122,9 +214,50 @@ class TextBranch:
             text = self.adapter.text_only_inputs(source)
             branch = _left_pad(text["input_ids"], q_len, self.adapter.pad_id)
             mask = _left_pad(text["attention_mask"].to(main_mask.dtype), q_len, 0)
-            return branch, mask
+            return branch, mask, {}
         image = self.adapter.image_mask_from_layout(main_mask, batch, q_len)
         if image is None:
             raise InputError(f"{self.adapter.family}: cannot find the image tokens in inputs_embeds for the image-free branch")
         index = compact_left(main_mask.bool() & ~image.to(main_mask.device), width=q_len)
-        return gather_left(embeds, index, 0), (index >= 0).to(main_mask.dtype)
+        return gather_left(embeds, index, 0), (index >= 0).to(main_mask.dtype), {}
+
+    def _prompt_rows(
+        self, ids: torch.Tensor | None, main_mask: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The altered prompt, checked and left-padded to the prompt length; its token types carry the user's
+        values at the image tokens."""
+        if ids is None:
+            raise InputError(f"{self._what} need input_ids")
+        batch, q_len = main_mask.shape
+        got = self.contrast.prompt(ids, main_mask)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2 and all(isinstance(t, torch.Tensor) for t in got)):
+            raise InputError(f"the contrast's prompt function must return (input_ids, attention_mask), got {type(got).__name__}")
+        alt_ids, alt_mask = got
+        if alt_ids.dim() != 2 or alt_ids.shape[0] != batch or alt_mask.shape != alt_ids.shape:
+            raise InputError(
+                f"the contrast's prompt function returned input_ids {tuple(alt_ids.shape)} and attention_mask "
+                f"{tuple(alt_mask.shape)}; both must be ({batch}, any length)"
+            )
+        if alt_ids.shape[1] > q_len:
+            raise InputError(
+                f"the altered prompt has {alt_ids.shape[1]} tokens, more than the prompt's {q_len}: left-pad the batch "
+                f"to at least {alt_ids.shape[1]} tokens (e.g. padding='max_length', max_length={alt_ids.shape[1]})"
+            )
+        alt_ids = _left_pad(alt_ids.to(ids.device, ids.dtype), q_len, self.adapter.pad_id)
+        alt_mask = _left_pad(alt_mask.to(main_mask.device, main_mask.dtype), q_len, 0)
+        user = self.adapter.image_mask(ids) & main_mask.bool()
+        alt = self.adapter.image_mask(alt_ids) & alt_mask.bool()
+        if not torch.equal(user.sum(1), alt.sum(1)):
+            raise InputError(
+                f"the altered prompt holds {alt.sum(1).tolist()} image tokens per row, the prompt "
+                f"{user.sum(1).tolist()}: the contrast rows keep the same images"
+            )
+        types = {}
+        for key in TOKEN_TYPE_KEYS:
+            value = kwargs.get(key)
+            if isinstance(value, torch.Tensor):
+                twin = torch.zeros_like(value)
+                twin[alt] = value[user]
+                types[key] = twin
+        return alt_ids, alt_mask, types
+

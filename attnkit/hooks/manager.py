@@ -38,7 +38,7 @@ from ..errors import (
 )
 from . import capture, compat, dispatch
 from .compat import AttentionInterface, AttentionMaskInterface, PreTrainedModel
-from .branch import TextBranch
+from .branch import ContrastBranch
 from .context import ForwardState, View
 from .kernel import KernelOptions, Roles
 
@@ -175,6 +175,8 @@ class Handle:
                     "through AttentionInterface (set_attn_implementation had no effect)"
                 )
             self._set_impl = [(cfg, compat.get_impl(cfg)) for cfg, _ in self._saved_impl]
+            if self._branch is not None:
+                self._branch.attach(self)  # rows with images: shadows get_image_features
             for m in self.methods:
                 m._states = self.state.states  # Method.state(): per-generation state, owned by the handle
                 m.attach(self)
@@ -279,14 +281,15 @@ class Handle:
             routes.append(self._roles[key] if ms else None)
         self._routes = routes
 
-    def _contrast_rows(self) -> TextBranch | None:
+    def _contrast_rows(self) -> ContrastBranch | None:
         """The contrast rows the methods declare (one variant per wrapped model)."""
-        kinds = {m.contrast.kind for m in self.methods if m.contrast is not None}
-        if not kinds:
+        contrasts = list(dict.fromkeys(m.contrast for m in self.methods if m.contrast is not None))
+        if not contrasts:
             return None
-        if len(kinds) > 1:
-            raise MethodArgumentError(f"methods ask for different contrast rows ({', '.join(sorted(kinds))}); one per model")
-        return TextBranch(self.adapter)
+        if len(contrasts) > 1:
+            kinds = ", ".join(c.kind for c in contrasts)
+            raise MethodArgumentError(f"methods ask for different contrast rows ({kinds}); one per model")
+        return ContrastBranch(self.adapter, contrasts[0])
 
     def _past_len(self, cache_len: int) -> int:
         """The whole sequence's past length from the cache's (its first layer's) length: when the last
@@ -341,8 +344,8 @@ class Handle:
                 image_mask = self.adapter.image_mask_from_layout(ctx.attention_mask, ctx.batch_size, q_len)
             if image_mask is not None and ctx.attention_mask is not None:
                 image_mask = image_mask & ctx.attention_mask[:, -q_len:]
-            if image_mask is not None and self._branch is not None:
-                image_mask[main_batch:] = False  # the branch rows have no image
+            if image_mask is not None and self._branch is not None and self._branch.image_free:
+                image_mask[main_batch:] = False  # the contrast rows have no image
             ctx.image_mask = image_mask
         else:
             ctx.is_prefill = False
@@ -585,6 +588,8 @@ class Handle:
 
     def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         """The logits roles, then the user's rows only (the contrast rows never leave)."""
+        if self._branch is not None:
+            self._branch.done()
         logits = getattr(output, "logits", None)
         if logits is None:
             return output
@@ -593,9 +598,10 @@ class Handle:
         if state.contrast_rows and logits.shape[0] == state.batch_size:
             main = state.batch_size - state.contrast_rows
             logits, contrast = logits[:main], logits[main:]
-            weights = getattr(output, "attentions", None)
-            if weights:
-                output.attentions = tuple(w[:main] if w is not None else w for w in weights)
+            for key in ("attentions", "hidden_states"):
+                per_layer = getattr(output, key, None)
+                if per_layer:
+                    setattr(output, key, tuple(w[:main] if w is not None else w for w in per_layer))
         view = View(state)
         for m in self.methods:
             if m.logits is not None:

@@ -12,7 +12,7 @@ one place: ``self.state(view)``, a dict emptied at every prefill and kept across
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -28,27 +28,51 @@ ATTENTION_ROLES = ("scores", "column_stats", "probs", "columns", "observe", "hea
 #: Every role a method may define (see Method).
 ROLES = ATTENTION_ROLES + ("reweight", "select", "logits")
 #: The batch variants a method may ask for as contrast rows (see Contrast).
-CONTRAST_KINDS = ("no_image",)
+CONTRAST_KINDS = ("no_image", "pixels", "prompt")
 
 
 @dataclass(frozen=True)
 class Contrast:
     """A variant of the user's batch that runs alongside it, as extra rows of the same forward with their
-    own KV cache; the method's ``logits`` role gets the variant's logits, and the rows never reach the
-    user (logits, attentions and generated tokens are the user's rows only).
+    own KV cache (see attnkit.hooks.branch); the method's ``logits`` role gets the variant's logits, and
+    the rows never reach the user (logits, attentions, hidden states and generated tokens are the user's
+    rows only). At every decode step the contrast rows receive the token the user's row received.
 
     ``kind="no_image"``: the same prompts without their images (the image tokens removed, the rows
-    left-padded to the prompt's length), as PAI's classifier-free guidance step uses them. Other kinds
-    (altered pixel values, altered prompts) are not implemented yet and raise here.
+    left-padded to the prompt's length), as PAI's classifier-free guidance step uses them.
+
+    ``kind="pixels", pixels=fn``: the same prompts with altered pixel values (VCD's noised images):
+    ``fn(pixel_values) -> pixel_values`` of the same shape, called with the batch's ``pixel_values`` as
+    the processor gives them (the family's layout: (n, C, H, W), LLaVA-NeXT's (n, crops, C, H, W),
+    Qwen-VL's flattened patches (N, d), Idefics3's (B, n, C, H, W)). While wrapped, the model's
+    ``get_image_features`` encodes the batch's images followed by their altered copies.
+
+    ``kind="prompt", prompt=fn``: an altered prompt with the same images (ICD's disturbing instruction):
+    ``fn(input_ids, attention_mask) -> (input_ids, attention_mask)``, both (B, q'), each row holding as
+    many image tokens as the user's row. A shorter one is left-padded to the prompt's length q; a longer
+    one (q' > q) raises InputError naming both lengths: left-pad the user's batch to at least q' tokens
+    (e.g. ``padding="max_length", max_length=q'``), which leaves the user's rows unchanged.
+
+    Families: ``pixels`` and ``prompt`` need the images to pass through the model's forward or its
+    ``get_image_features`` (not InstructBLIP, which raises on wrap()); ``prompt`` needs 1-D positions (not
+    the mRoPE families Qwen2/2.5/3-VL).
     """
 
     kind: str = "no_image"
+    pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prompt: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CONTRAST_KINDS:
             raise MethodArgumentError(
                 f"contrast kind {self.kind!r} is not supported (supported: {', '.join(CONTRAST_KINDS)})"
             )
+        for field in ("pixels", "prompt"):
+            fn = getattr(self, field)
+            if self.kind == field and not callable(fn):
+                raise MethodArgumentError(f"Contrast(kind={field!r}) needs a callable {field}=, got {type(fn).__name__}")
+            if self.kind != field and fn is not None:
+                raise MethodArgumentError(f"Contrast(kind={self.kind!r}) takes no {field}= (only kind={field!r} does)")
 
 
 class Method:

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 
 #: Input keys that carry images (dropped from the image-free variant of the inputs).
 VISION_INPUT_KEYS = (
@@ -28,6 +28,10 @@ VISION_INPUT_KEYS = (
     "pixel_values_videos",
     "video_grid_thw",
 )
+
+#: Input keys with one entry per image (or crop, tile, patch), in the batch's order: concatenated along
+#: dim 0 they describe more images (see ``Adapter.repeat_image_inputs``).
+IMAGE_INPUT_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "image_num_patches")
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,37 @@ class Adapter:
             if k in out:
                 out[k] = torch.zeros_like(out[k])
         return out
+
+    # -- repeated images (contrast rows that repeat the batch) ----------------------------------
+    def repeat_image_inputs(
+        self, inputs: dict[str, Any], pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """``inputs`` (a new dict) with every per-image input describing the batch's images twice: as given,
+        then with ``pixel_values`` replaced by ``pixels(pixel_values)`` (None: unchanged); for rows appended
+        after the batch's (each family consumes image features in row order). Other keys pass through.
+        UnsupportedModelError (one line) for a family whose images cannot be repeated so."""
+        if inputs.get("pixel_values_videos") is not None:
+            raise InputError(f"{self.family}: contrast rows that repeat the images do not support video inputs")
+        out = dict(inputs)
+        for key in IMAGE_INPUT_KEYS:
+            value = out.get(key)
+            if not isinstance(value, torch.Tensor):
+                continue
+            twin = value
+            if key == "pixel_values" and pixels is not None:
+                twin = pixels(value)
+                if not isinstance(twin, torch.Tensor) or twin.shape != value.shape:
+                    got = tuple(twin.shape) if isinstance(twin, torch.Tensor) else type(twin).__name__
+                    raise InputError(
+                        f"the contrast's pixels function returned {got} for pixel_values {tuple(value.shape)} (same shape needed)"
+                    )
+                twin = self._keep_padding_images(value, twin.to(value.dtype))
+            out[key] = torch.cat([value, twin.to(value.device)], dim=0)
+        return out
+
+    def _keep_padding_images(self, pixel_values: torch.Tensor, altered: torch.Tensor) -> torch.Tensor:
+        """``altered`` with the batch's padding images (a family's placeholders for absent images) restored."""
+        return altered
 
     def text_only_model(self) -> torch.nn.Module:
         """The module to call with text_only_inputs (the model itself, except where it requires images)."""

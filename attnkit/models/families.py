@@ -336,6 +336,12 @@ class InstructBlipAdapter(Adapter):
     def text_only_model(self) -> torch.nn.Module:
         return self.model.language_model
 
+    def repeat_image_inputs(self, inputs: dict[str, Any], pixels: Callable | None = None) -> dict[str, Any]:
+        raise UnsupportedModelError(
+            f"{self.family}: contrast rows with altered pixels or prompts are not supported (generate() hands only "
+            "merged embeddings to the language model)"
+        )
+
     @classmethod
     def left_pad_batch(cls, batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
         """InstructBlipProcessor prepends the query placeholders to already padded text: [query][pad][text].
@@ -415,6 +421,11 @@ class Idefics3Adapter(Adapter):
     wrap_before = 2
     wrap_after = 1
     vision_paths = ("model.vision_model", "vision_model")
+
+    def _keep_padding_images(self, pixel_values: torch.Tensor, altered: torch.Tensor) -> torch.Tensor:
+        # pixel_values (B, n, C, H, W) pads rows with fewer images by all-zero images, which the model skips
+        padding = (pixel_values == 0).flatten(2).all(-1)
+        return altered.masked_fill(padding[..., None, None, None].to(altered.device), 0)
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (

@@ -1,0 +1,178 @@
+"""Contrast rows (methods.base.Contrast, hooks/branch.py): a toy method records the contrast logits of each
+kind; the user's logits and tokens are the unwrapped model's, the contrast logits are the model's on the
+variant batch run by hand (prefill and decode steps), and the errors are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import errors
+from attnkit.methods.base import Contrast, Method
+from attnkit.models import get_adapter
+
+from .conftest import _tiny, extend_inputs
+
+N = 3  # new tokens
+
+
+class Toy(Method):
+    """Records the contrast logits; returns the user's logits unchanged."""
+
+    name = "toy_contrast"
+
+    def __init__(self, contrast: Contrast) -> None:
+        super().__init__()
+        self.contrast = contrast
+        self.seen: list[torch.Tensor] = []
+
+    def logits(self, view, logits, contrast=None):
+        assert contrast is not None and contrast.shape == logits.shape
+        self.seen.append(contrast.clone())
+        return logits
+
+
+def noise(pv: torch.Tensor) -> torch.Tensor:
+    """A deterministic alteration of any pixel layout (VCD would add noise)."""
+    return pv.flip(-1) * 0.5 + 0.25
+
+
+def shorter(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An altered prompt one token shorter: the third-last (text) token dropped, the second-last replaced."""
+    out = torch.cat([ids[:, :-3], ids[:, -2:]], 1)
+    out[:, -2] = ids[:, -4]
+    return out, torch.cat([mask[:, :-3], mask[:, -2:]], 1)
+
+
+def _generate(model, inputs):
+    with torch.no_grad():
+        return model.generate(
+            **inputs, max_new_tokens=N, min_new_tokens=N, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+
+
+def _run(model, inputs, contrast):
+    """(prefill logits, generate output, recorded contrast logits of the prefill, of generate's steps)."""
+    toy = Toy(contrast)
+    with attnkit.wrap(model, toy), torch.no_grad():
+        first = model(**inputs).logits
+        prefill = toy.seen[-1]
+        gen = _generate(model, inputs)
+    return first, gen, prefill, toy.seen[1:]
+
+
+def _check_user_rows(model, inputs, first, gen):
+    """(a): the user's logits and tokens are the unwrapped model's."""
+    with torch.no_grad():
+        ref_first = model(**inputs).logits
+    ref = _generate(model, inputs)
+    assert first.shape == ref_first.shape, "the contrast rows leaked"
+    torch.testing.assert_close(first, ref_first, atol=2e-5, rtol=0)
+    assert torch.equal(gen.sequences, ref.sequences)
+    for a, b in zip(gen.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def _check_steps(model, variant, prefill, steps, tokens):
+    """(b): the contrast logits equal the model on the variant batch, at prefill and at every decode step
+    (fed the user's tokens, recomputed from scratch)."""
+    with torch.no_grad():
+        torch.testing.assert_close(prefill, model(**variant).logits, atol=1e-4, rtol=0)
+        assert len(steps) == N
+        for t in range(N):
+            want = model(**extend_inputs(variant, tokens[:, :t])).logits[:, -1]
+            torch.testing.assert_close(steps[t][:, -1], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "gemma3"])
+def test_pixels(family):
+    model, inputs = _tiny(family)
+    first, gen, prefill, steps = _run(model, inputs, Contrast("pixels", pixels=noise))
+    _check_user_rows(model, inputs, first, gen)
+    variant = dict(inputs, pixel_values=noise(inputs["pixel_values"]))
+    tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]
+    _check_steps(model, variant, prefill, steps, tokens)
+    assert (prefill - first).abs().max() > 1e-3, "the altered pixels must change the contrast logits"
+    assert "get_image_features" not in vars(model.base_model), "remove() takes the shadow off"
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "internvl"])
+def test_pixels_identity_gives_user_logits(family):
+    """(c): identity pixels: the contrast rows are the user's rows (mRoPE positions and rope deltas line up
+    through generate's decode steps)."""
+    model, inputs = _tiny(family)
+    first, gen, prefill, steps = _run(model, inputs, Contrast("pixels", pixels=lambda pv: pv))
+    torch.testing.assert_close(prefill, first, atol=2e-5, rtol=0)
+    for got, user in zip(steps, gen.logits):
+        torch.testing.assert_close(got[:, -1], user, atol=2e-5, rtol=0)
+    _check_user_rows(model, inputs, first, gen)
+
+
+def _prompt_variant(family, model, inputs):
+    """The altered prompt run alone: left-padded to the prompt length, with the same images."""
+    adapter = get_adapter(model)
+    ids, mask = shorter(inputs["input_ids"], inputs["attention_mask"])
+    q = inputs["input_ids"].shape[1]
+    pad = q - ids.shape[1]
+    ids = torch.cat([ids.new_full((ids.shape[0], pad), adapter.pad_id), ids], 1)
+    mask = torch.cat([mask.new_zeros(mask.shape[0], pad), mask], 1)
+    variant = dict(inputs, input_ids=ids, attention_mask=mask)
+    if "token_type_ids" in inputs:  # gemma3: 1 on the image tokens
+        variant["token_type_ids"] = adapter.image_mask(ids).to(inputs["token_type_ids"].dtype)
+    return variant
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3"])
+def test_prompt(family):
+    model, inputs = _tiny(family)
+    first, gen, prefill, steps = _run(model, inputs, Contrast("prompt", prompt=shorter))
+    _check_user_rows(model, inputs, first, gen)
+    tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]
+    _check_steps(model, _prompt_variant(family, model, inputs), prefill, steps, tokens)
+    assert (prefill[:, -1] - first[:, -1]).abs().max() > 1e-3, "the altered prompt must change the contrast logits"
+
+
+def test_errors():
+    f = lambda x: x  # noqa: E731
+    with pytest.raises(errors.MethodArgumentError, match="not supported"):
+        Contrast("bogus")
+    with pytest.raises(errors.MethodArgumentError, match="needs a callable pixels="):
+        Contrast("pixels")
+    with pytest.raises(errors.MethodArgumentError, match="needs a callable prompt="):
+        Contrast("prompt", prompt=3)
+    with pytest.raises(errors.MethodArgumentError, match="takes no pixels="):
+        Contrast("no_image", pixels=f)
+    assert Contrast("pixels", pixels=f) == Contrast("pixels", pixels=f) != Contrast("pixels", pixels=noise)
+
+    model, inputs = _tiny("instructblip")
+    with pytest.raises(errors.UnsupportedModelError, match="instructblip"):
+        attnkit.wrap(model, Toy(Contrast("pixels", pixels=f)))
+    assert "get_image_features" not in vars(model.base_model)
+    model, inputs = _tiny("qwen2_vl")
+    with pytest.raises(errors.UnsupportedModelError, match="mRoPE"):
+        attnkit.wrap(model, Toy(Contrast("prompt", prompt=shorter)))
+
+    model, inputs = _tiny("llava")
+    with pytest.raises(errors.MethodArgumentError, match="different contrast rows"):
+        attnkit.wrap(model, [Toy(Contrast("no_image")), Toy(Contrast("pixels", pixels=f))])
+    q = inputs["input_ids"].shape[1]
+    longer = lambda ids, m: (torch.cat([ids[:, :2], ids], 1), torch.cat([m[:, :2], m], 1))  # noqa: E731
+    no_image = lambda ids, m: (ids[:, -4:], m[:, -4:])  # noqa: E731
+    cases = [
+        (Contrast("prompt", prompt=longer), f"the altered prompt has {q + 2} tokens, more than the prompt's {q}"),
+        (Contrast("prompt", prompt=no_image), "image tokens per row"),
+        (Contrast("pixels", pixels=lambda pv: pv[:1]), "same shape"),
+    ]
+    for contrast, message in cases:
+        with attnkit.wrap(model, Toy(contrast)), torch.no_grad():
+            with pytest.raises(errors.InputError, match=message) as e:
+                model(**inputs)
+            assert "\n" not in str(e.value)
+            with pytest.raises(errors.InputError, match=message):
+                _generate(model, inputs)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        with attnkit.wrap(model, Toy(Contrast("pixels", pixels=noise))):
+            wrapped = model(**inputs, output_hidden_states=True)
+    assert [h.shape for h in wrapped.hidden_states] == [h.shape for h in out.hidden_states], "hidden states leaked"
