@@ -101,6 +101,8 @@ class Method:
     #: The model families the method supports (None = every family); wrap() raises UnsupportedModelError
     #: for the others.
     families: ClassVar[tuple[str, ...] | None] = None
+    #: False where cached decoding differs from recomputation by design (the common suite then skips that check).
+    cache_exact: ClassVar[bool] = True
     #: Set when ``select`` removes tokens (drop mode) instead of masking them.
     drops_tokens: bool = False
     #: Set (with ``drops_tokens``) to renumber the kept tokens' positions after a drop (see ``select``).
