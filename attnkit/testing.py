@@ -885,7 +885,9 @@ def _where(cls: type, family: str, settings: dict[str, Any] | None) -> str:
     return f"{cls.name} on {family} with {settings or 'its defaults'}"
 
 
-def _assert_effect(cls: type, family: str, settings: dict[str, Any] | None, ref: torch.Tensor, got: torch.Tensor) -> None:
+def _assert_effect(
+    cls: type, family: str, settings: dict[str, Any] | None, ref: torch.Tensor, got: torch.Tensor
+) -> None:
     """An active setting must change the last-token logits, or the check that follows proves nothing."""
     if _is_neutral(cls, settings):
         return
@@ -927,7 +929,9 @@ def _snapshot(model: PreTrainedModel) -> dict[str, Any]:
                 attrs[key] = _identity(value)
         modules[name] = (type(mod), attrs, tuple(mod._parameters), tuple(mod._buffers), tuple(mod._modules))
     global_hooks = {
-        key: tuple(value) for key, value in vars(torch_module).items() if key.startswith("_global") and isinstance(value, dict)
+        key: tuple(value)
+        for key, value in vars(torch_module).items()
+        if key.startswith("_global") and isinstance(value, dict)
     }
     return dict(
         impls=impls,
@@ -1081,9 +1085,13 @@ def check_batch_equals_rows(
     for row, (last, row_tokens) in enumerate(alone):
         err = float((last - got[row, -1]).abs().max())
         if not err <= EXACT_ATOL:
-            raise AssertionError(f"{where}: row {row}'s last-token logits differ by {err:.2e} batched and alone (> {EXACT_ATOL})")
+            raise AssertionError(
+                f"{where}: row {row}'s last-token logits differ by {err:.2e} batched and alone (> {EXACT_ATOL})"
+            )
         if not torch.equal(row_tokens, tokens[row]):
-            raise AssertionError(f"{where}: row {row} generates {tokens[row].tolist()} batched, {row_tokens.tolist()} alone")
+            raise AssertionError(
+                f"{where}: row {row} generates {tokens[row].tolist()} batched, {row_tokens.tolist()} alone"
+            )
     _assert_effect(cls, family, settings, ref, got)
 
 
@@ -1131,11 +1139,15 @@ def check_cached_equals_recomputed(
     for t in range(n_new):
         err = float((full[t] - gen.logits[t]).abs().max())
         if not err <= EXACT_ATOL:
-            raise AssertionError(f"{where}: step {t}: cached logits differ from the recomputation by {err:.2e} (> {EXACT_ATOL})")
+            raise AssertionError(
+                f"{where}: step {t}: cached logits differ from the recomputation by {err:.2e} (> {EXACT_ATOL})"
+            )
         allowed = torch.isfinite(gen.scores[t])  # the ids generate() suppresses
         pick = full[t].masked_fill(~allowed, float("-inf")).argmax(-1)
         if not torch.equal(pick, tokens[:, t]):
-            raise AssertionError(f"{where}: step {t}: cached decoding picks {tokens[:, t].tolist()}, recomputation {pick.tolist()}")
+            raise AssertionError(
+                f"{where}: step {t}: cached decoding picks {tokens[:, t].tolist()}, recomputation {pick.tolist()}"
+            )
     _assert_effect(cls, family, settings, ref[:, -1:], full[0][:, None])
 
 
