@@ -19,15 +19,17 @@ from attnkit import testing
 from attnkit.methods import Method, MethodConfig, check_range, registry
 from attnkit.methods.registry import get_method_class
 
-#: Settings of the checks where a method's defaults do nothing on a 4-layer tiny model (a method not listed
-#: runs with its defaults); ``(name, family)`` entries override per family. The checks themselves require
-#: that these settings change the model (else the check would pass vacuously).
+#: Settings of the checks (a method not listed runs with its defaults); ``(name, family)`` entries override
+#: per family. The checks themselves require that these settings change the model (else a check would pass
+#: vacuously).
 SETTINGS: dict[Any, dict[str, Any]] = {
     # tau 20 finds no sink in a hidden-32 model (|RMSNorm(h)| <= sqrt(32)); the tiny models' dimension 5
     # crosses 1.5 on a few tokens per layer
     "var": dict(tau=1.5, sink_dims=[5], start_layer=0, skip_last=0, p=0.2),
-    "pai": dict(alpha=1.0, start_layer=0),  # every layer (the default starts at layer 2)
-    "act": dict(beta=0.3, threshold=0.05, start_layer=0),  # threshold 0.1 finds few sinks in 4 layers
+    # PAI and ACT act with their defaults too; these are the settings of the cases taken over from
+    # test_methods_common.py (every layer from 0, not only 2..3)
+    "pai": dict(alpha=1.0, start_layer=0),
+    "act": dict(beta=0.3, threshold=0.05, start_layer=0),
     # budgets below the tiny models' 16 image tokens per image (LLaVA-NeXT: per crop of 3 or 5)
     "visionzip": dict(dominant=3, contextual=2),
     "hiprune": dict(budget=6, alpha=0.5),
