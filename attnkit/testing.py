@@ -8,6 +8,12 @@ For each of the 10 supported VLM families this module builds, without any hub ac
   the processor emits matches what the tiny model produces for an image of any size;
 * deterministic Pillow images and a left-padded 2-row batch made through that processor.
 
+It also holds the common method checks (``check_restore``, ``check_neutral``, ``check_batch_equals_rows``,
+``check_cached_equals_recomputed``, ``check_drop_equals_mask``, ``check_runs``, ``check_unsupported``, or
+``check_method`` for all of them): tests/test_common.py runs them on every registered method, and the
+author of a method outside attnkit can run them on their own class. Each raises AssertionError saying what
+differs.
+
 Token ids are decided by one vocabulary per family (``_vocab``), so the config and the tokenizer always
 agree. Nothing here downloads weights, tokenizers or data.
 """
@@ -46,9 +52,23 @@ except ImportError:  # transformers < 5.19: the video processor base class needs
         model_input_names = ["pixel_values_videos"]
 
 __all__ = [
+    "CHECKS",
+    "CHECK_FAMILIES",
     "FAMILIES",
+    "applicable_checks",
+    "check_batch_equals_rows",
+    "check_cached_equals_recomputed",
+    "check_drop_equals_mask",
+    "check_families",
+    "check_method",
+    "check_model",
+    "check_neutral",
+    "check_restore",
+    "check_runs",
+    "check_unsupported",
     "multimodal_token_ids",
     "sample_images",
+    "supported_families",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
@@ -736,3 +756,523 @@ def tiny_model(
     for module in generators:
         module.generation_config.update(**settings)
     return model, tiny_inputs(family)
+
+
+# --------------------------------------------------------------------------------------------------
+# The common method checks: the properties every registered method must have (tests/test_common.py runs
+# them on every method of the registry; an out-of-tree method's author can call them on their own class).
+# --------------------------------------------------------------------------------------------------
+
+#: The checks, in order, by the name ``applicable_checks`` and tests/test_common.py use.
+CHECKS: tuple[str, ...] = ("restore", "neutral", "batch_equals_rows", "cached_equals_recomputed", "drop_equals_mask")
+#: Families of the per-method checks (LLaMA, mRoPE Qwen, InstructBLIP's embeddings-only prefill, Gemma3's
+#: bidirectional image block and sliding window); a method that supports none of them gets its first two.
+CHECK_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "instructblip", "gemma3")
+#: Depth of the checks' tiny models: room for layer ranges and pruning stages at their default indices.
+CHECK_LAYERS = 4
+#: Tolerances (those of the existing equivalence tests): a neutral setting reproduces the unwrapped logits to
+#: NEUTRAL_ATOL; batched rows, cached decoding and dropped tokens reproduce their reference to EXACT_ATOL.
+NEUTRAL_ATOL = 1e-5
+EXACT_ATOL = 1e-4
+#: What an active setting must move the last-token logits by at least, so that a check cannot pass vacuously.
+EFFECT_MIN = 1e-3
+
+_CHECK_MODELS: dict[tuple[str, int], tuple[PreTrainedModel, dict[str, Any]]] = {}
+
+
+def check_model(family: str, num_layers: int = CHECK_LAYERS) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The checks' shared ``tiny_model(family, seed=0, num_layers=num_layers)``, built once. A check that fails
+    drops it (a broken method may have left it wrapped), so the next check gets a fresh one."""
+    key = (family, num_layers)
+    if key not in _CHECK_MODELS:
+        _CHECK_MODELS[key] = tiny_model(family, seed=0, num_layers=num_layers)
+    return _CHECK_MODELS[key]
+
+
+def _method_class(method: Any) -> type:
+    from .methods.base import Method
+    from .methods.registry import get_method_class
+
+    cls = get_method_class(method) if isinstance(method, str) else method
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"expected a Method subclass or a registered method name, got {method!r}")
+    return cls
+
+
+def supported_families(method: Any) -> tuple[str, ...]:
+    """The tiny families ``method`` (a Method class or registered name) declares it supports (``families``)."""
+    declared = _method_class(method).families
+    return FAMILIES if declared is None else tuple(f for f in FAMILIES if f in declared)
+
+
+def check_families(method: Any) -> tuple[str, ...]:
+    """The families the per-method checks run on: CHECK_FAMILIES that the method supports, else its first two."""
+    supported = supported_families(method)
+    return tuple(f for f in CHECK_FAMILIES if f in supported) or supported[:2]
+
+
+def _has_modes(cls: type) -> bool:
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    return "mode" in fields and fields["mode"].type in ("str", str)
+
+
+def applicable_checks(method: Any) -> dict[str, str | None]:
+    """Each name of CHECKS -> None where the check applies to ``method``, else the reason it does not.
+
+    ``neutral`` needs a declared ``neutral`` setting; ``cached_equals_recomputed`` needs ``cache_exact``
+    (False for methods that decide something at prefill, or per forward, that a recomputation decides
+    again otherwise); ``drop_equals_mask`` needs a config field ``mode`` ("drop" / "mask").
+    """
+    cls = _method_class(method)
+    out: dict[str, str | None] = dict.fromkeys(CHECKS)
+    if cls.neutral is None:
+        out["neutral"] = f"{cls.name} declares no neutral setting (neutral = None)"
+    if not getattr(cls, "cache_exact", True):
+        out["cached_equals_recomputed"] = f"{cls.name} sets cache_exact = False (see its docstring)"
+    if not _has_modes(cls):
+        out["drop_equals_mask"] = f"{cls.name}'s config has no mode field (drop / mask)"
+    return out
+
+
+def _make(method: Any, settings: dict[str, Any] | None, **override: Any) -> Any:
+    cls = _method_class(method)
+    return cls(**{**(settings or {}), **override})
+
+
+def _is_neutral(method: Any, settings: dict[str, Any] | None) -> bool:
+    """Whether ``settings`` already are the method's neutral setting (then no effect is expected)."""
+    cls = _method_class(method)
+    if cls.neutral is None:
+        return False
+    return _make(cls, settings).config == _make(cls, settings, **cls.neutral).config
+
+
+def _no_grad_logits(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _greedy(model: PreTrainedModel, inputs: dict[str, Any], n: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def _drops_model_on_failure(check: Any) -> Any:
+    """Decorator of a check: when it raises, forget the shared model it ran on (a broken method may have left
+    it wrapped or hooked), so the next check builds a fresh one."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(check)
+
+    @functools.wraps(check)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            check(*args, **kwargs)
+        except BaseException:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            _CHECK_MODELS.pop((bound.arguments["family"], bound.arguments.get("num_layers", CHECK_LAYERS)), None)
+            raise
+
+    return run
+
+
+def _where(cls: type, family: str, settings: dict[str, Any] | None) -> str:
+    return f"{cls.name} on {family} with {settings or 'its defaults'}"
+
+
+def _assert_effect(
+    cls: type, family: str, settings: dict[str, Any] | None, ref: torch.Tensor, got: torch.Tensor
+) -> None:
+    """An active setting must change the last-token logits, or the check that follows proves nothing."""
+    if _is_neutral(cls, settings):
+        return
+    moved = float((got[:, -1] - ref[:, -1]).abs().max())
+    if not moved > EFFECT_MIN:
+        raise AssertionError(
+            f"{_where(cls, family, settings)}: the method moves the last-token logits by only {moved:.2e} "
+            f"(<= {EFFECT_MIN}), so this check would pass without testing anything; pass settings that act"
+        )
+
+
+def _identity(value: Any) -> Any:
+    """What must stay the same of a module attribute: a scalar's value, any other object's identity; tensors
+    (and None) are per-forward state (Qwen's rope_deltas), whose values the logits comparison covers."""
+    if value is None or isinstance(value, torch.Tensor):
+        return "tensor or None"
+    if isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value), value)
+    return id(value)
+
+
+def _snapshot(model: PreTrainedModel) -> dict[str, Any]:
+    """What a handle may touch: attention implementations, configs, every module's attributes (by identity)
+    and torch hooks, global module hooks, parameters and buffers (values)."""
+    from torch.nn.modules import module as torch_module
+
+    impls = {"": model.config._attn_implementation}
+    for key in getattr(model.config, "sub_configs", {}):
+        sub = getattr(model.config, key, None)
+        if sub is not None:
+            impls[key] = sub._attn_implementation
+    modules = {}
+    for name, mod in model.named_modules():
+        attrs = {}
+        for key, value in vars(mod).items():
+            if "hook" in key and isinstance(value, dict):
+                attrs[key] = tuple(value)  # the hook ids
+            elif key not in ("_parameters", "_buffers", "_modules"):
+                attrs[key] = _identity(value)
+        modules[name] = (type(mod), attrs, tuple(mod._parameters), tuple(mod._buffers), tuple(mod._modules))
+    global_hooks = {
+        key: tuple(value)
+        for key, value in vars(torch_module).items()
+        if key.startswith("_global") and isinstance(value, dict)
+    }
+    return dict(
+        impls=impls,
+        config=model.config.to_dict(),
+        generation=model.generation_config.to_dict(),
+        modules=modules,
+        global_hooks=global_hooks,
+        state={k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+    )
+
+
+def _volatile(first: dict[str, Any], second: dict[str, Any]) -> set[tuple[str, str]]:
+    """(module, attribute) pairs whose value an unwrapped forward and generate replaced between two snapshots."""
+    out = set()
+    for name, (_, attrs, *_rest) in first["modules"].items():
+        attrs2 = second["modules"].get(name, (None, {}))[1]
+        out |= {(name, k) for k in attrs.keys() | attrs2.keys() if attrs.get(k) != attrs2.get(k)}
+    return out
+
+
+def _compare_snapshots(before: dict[str, Any], after: dict[str, Any], what: str) -> None:
+    for key in ("impls", "config", "generation", "global_hooks"):
+        if before[key] != after[key]:
+            diff = sorted(k for k in set(before[key]) | set(after[key]) if before[key].get(k) != after[key].get(k))
+            raise AssertionError(f"{what}: {key} not restored (differs at {diff[:5]})")
+    if before["modules"].keys() != after["modules"].keys():
+        raise AssertionError(f"{what}: the module tree changed")
+    for name, (typ, attrs, params, buffers, children) in before["modules"].items():
+        typ2, attrs2, params2, buffers2, children2 = after["modules"][name]
+        where = f"{what}: module {name or '<model>'}"
+        if typ2 is not typ:
+            raise AssertionError(f"{where}: class {typ.__name__} became {typ2.__name__}")
+        added, lost = sorted(attrs2.keys() - attrs.keys()), sorted(attrs.keys() - attrs2.keys())
+        if added or lost:
+            raise AssertionError(f"{where}: attributes added {added} / removed {lost}")
+        volatile = before.get("volatile", set())
+        changed = sorted(k for k in attrs if attrs[k] != attrs2[k] and (name, k) not in volatile)
+        if changed:
+            raise AssertionError(f"{where}: attributes or hooks replaced: {changed}")
+        if (params, buffers, children) != (params2, buffers2, children2):
+            raise AssertionError(f"{where}: parameters, buffers or submodules changed")
+    for key, value in before["state"].items():
+        if not torch.equal(value, after["state"][key]):
+            raise AssertionError(f"{what}: {key} changed value")
+
+
+class _Boom(Exception):
+    """Raised from inside generate() by check_restore."""
+
+
+@_drops_model_on_failure
+def check_restore(
+    method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 3
+) -> None:
+    """``handle.remove()`` after a wrapped forward and generate, and leaving the handle's ``with`` block by an
+    exception raised inside generate(), both give back the exact original: attention implementations,
+    configs, every module attribute and torch hook, parameters, and bit-identical logits and greedy tokens."""
+    import attnkit
+
+    cls = _method_class(method)
+    model, inputs = check_model(family, num_layers)
+    first = _snapshot(model)
+    ref_logits, ref_tokens = _no_grad_logits(model, inputs), _greedy(model, inputs, n_new)
+    before = _snapshot(model)
+    before["volatile"] = _volatile(first, before)  # what the model's own forward rewrites (Qwen's rope_deltas)
+    handle = attnkit.wrap(model, _make(cls, settings))
+    try:
+        _no_grad_logits(model, inputs)
+        _greedy(model, inputs, n_new)
+    finally:
+        handle.remove()
+    what = f"{_where(cls, family, settings)}, after remove()"
+    _compare_snapshots(before, _snapshot(model), what)
+    if not torch.equal(_no_grad_logits(model, inputs), ref_logits):
+        raise AssertionError(f"{what}: the logits differ from the unwrapped model's")
+    if not torch.equal(_greedy(model, inputs, n_new), ref_tokens):
+        raise AssertionError(f"{what}: the greedy tokens differ from the unwrapped model's")
+
+    class Raise(transformers.LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if input_ids.shape[1] > inputs["input_ids"].shape[1]:  # after the first decode step
+                raise _Boom
+            return scores
+
+    try:
+        with attnkit.wrap(model, _make(cls, settings)), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=n_new, do_sample=False, logits_processor=[Raise()])
+    except _Boom:
+        pass
+    else:
+        raise AssertionError(f"{_where(cls, family, settings)}: the exception raised inside generate() was lost")
+    what = f"{_where(cls, family, settings)}, after an exception left the with block"
+    _compare_snapshots(before, _snapshot(model), what)
+    if not torch.equal(_no_grad_logits(model, inputs), ref_logits):
+        raise AssertionError(f"{what}: the logits differ from the unwrapped model's")
+
+
+@_drops_model_on_failure
+def check_neutral(
+    method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 4
+) -> None:
+    """With its ``neutral`` setting laid over ``settings``, the method reproduces the unwrapped model: logits
+    at every real position to NEUTRAL_ATOL and the same greedy tokens; ``settings`` alone (unless they are
+    neutral themselves) must change the last-token logits, so that the neutral setting is what cancels it."""
+    import attnkit
+
+    cls = _method_class(method)
+    if cls.neutral is None:
+        raise AssertionError(f"{cls.name} declares no neutral setting (neutral = None)")
+    neutral = {**(settings or {}), **cls.neutral}
+    model, inputs = check_model(family, num_layers)
+    ref, ref_tokens = _no_grad_logits(model, inputs), _greedy(model, inputs, n_new)
+    with attnkit.wrap(model, _make(cls, neutral)):
+        got, tokens = _no_grad_logits(model, inputs), _greedy(model, inputs, n_new)
+    with attnkit.wrap(model, _make(cls, settings)):
+        active = _no_grad_logits(model, inputs)
+    keep = inputs["attention_mask"].bool()
+    where = _where(cls, family, neutral)
+    if got.shape != ref.shape:
+        raise AssertionError(f"{where}: logits of shape {tuple(got.shape)}, unwrapped {tuple(ref.shape)}")
+    err = float((got[keep] - ref[keep]).abs().max())
+    if not err <= NEUTRAL_ATOL:
+        raise AssertionError(f"{where}: logits differ from the unwrapped model's by {err:.2e} (> {NEUTRAL_ATOL})")
+    if not torch.equal(tokens, ref_tokens):
+        raise AssertionError(f"{where}: greedy tokens {tokens.tolist()} != unwrapped {ref_tokens.tolist()}")
+    _assert_effect(cls, family, settings, ref, active)
+
+
+@_drops_model_on_failure
+def check_batch_equals_rows(
+    method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 4
+) -> None:
+    """Under the method, each row of a left-padded 2-row batch (DEFAULT_PROMPTS, one image each) gets the
+    last-token logits (to EXACT_ATOL) and the greedy tokens it gets alone; the method must change the
+    batch's logits."""
+    import attnkit
+
+    cls = _method_class(method)
+    model, batch = check_model(family, num_layers)
+    if not (batch["attention_mask"] == 0).any():
+        raise AssertionError(f"{family}: the check's batch is not left-padded")
+    ref = _no_grad_logits(model, batch)
+    with attnkit.wrap(model, _make(cls, settings)):
+        got = _no_grad_logits(model, batch)
+        tokens = _greedy(model, batch, n_new)
+        alone = []
+        for row in range(len(DEFAULT_PROMPTS)):
+            one = _row_inputs(family, row)
+            alone.append((_no_grad_logits(model, one)[0, -1], _greedy(model, one, n_new)[0]))
+    where = _where(cls, family, settings)
+    for row, (last, row_tokens) in enumerate(alone):
+        err = float((last - got[row, -1]).abs().max())
+        if not err <= EXACT_ATOL:
+            raise AssertionError(
+                f"{where}: row {row}'s last-token logits differ by {err:.2e} batched and alone (> {EXACT_ATOL})"
+            )
+        if not torch.equal(row_tokens, tokens[row]):
+            raise AssertionError(
+                f"{where}: row {row} generates {tokens[row].tolist()} batched, {row_tokens.tolist()} alone"
+            )
+    _assert_effect(cls, family, settings, ref, got)
+
+
+@lru_cache(maxsize=None)
+def _row_inputs_cached(family: str, row: int) -> dict[str, Any]:
+    return tiny_inputs(family, prompts=[DEFAULT_PROMPTS[row]], images=[sample_images(len(DEFAULT_PROMPTS))[row]])
+
+
+def _row_inputs(family: str, row: int) -> dict[str, Any]:
+    """Row ``row`` of tiny_model's batch (DEFAULT_PROMPTS, one image each) as a batch of one, unpadded."""
+    return dict(_row_inputs_cached(family, row))
+
+
+def _extend(inputs: dict[str, Any], new: torch.Tensor) -> dict[str, Any]:
+    """``inputs`` with ``new`` (B, n) tokens appended, per-token tensors extended as generate() does."""
+    out = dict(inputs)
+    ids = inputs["input_ids"]
+    out["input_ids"] = torch.cat([ids, new], dim=1)
+    for key, value in inputs.items():
+        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape:
+            fill = 1 if key == "attention_mask" else 0
+            out[key] = torch.cat([value, value.new_full((ids.shape[0], new.shape[1]), fill)], dim=1)
+    return out
+
+
+@_drops_model_on_failure
+def check_cached_equals_recomputed(
+    method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 4
+) -> None:
+    """Under the method, every step of a KV-cached greedy generate gives the logits (to EXACT_ATOL) and the
+    token that a full forward over the prompt and the tokens so far gives; the method must change them."""
+    import attnkit
+
+    cls = _method_class(method)
+    model, inputs = check_model(family, num_layers)
+    ref = _no_grad_logits(model, inputs)
+    with attnkit.wrap(model, _make(cls, settings)), torch.no_grad():
+        gen = model.generate(
+            **inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+            return_dict_in_generate=True, output_scores=True, output_logits=True,
+        )  # fmt: skip
+        tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]
+        full = [model(**_extend(inputs, tokens[:, :t])).logits[:, -1] for t in range(n_new)]
+    where = _where(cls, family, settings)
+    for t in range(n_new):
+        err = float((full[t] - gen.logits[t]).abs().max())
+        if not err <= EXACT_ATOL:
+            raise AssertionError(
+                f"{where}: step {t}: cached logits differ from the recomputation by {err:.2e} (> {EXACT_ATOL})"
+            )
+        allowed = torch.isfinite(gen.scores[t])  # the ids generate() suppresses
+        pick = full[t].masked_fill(~allowed, float("-inf")).argmax(-1)
+        if not torch.equal(pick, tokens[:, t]):
+            raise AssertionError(
+                f"{where}: step {t}: cached decoding picks {tokens[:, t].tolist()}, recomputation {pick.tolist()}"
+            )
+    _assert_effect(cls, family, settings, ref[:, -1:], full[0][:, None])
+
+
+@lru_cache(maxsize=None)
+def _short_inputs_cached(family: str) -> dict[str, Any]:
+    return tiny_inputs(family, prompts=["Dog?", "Is it red?"], images=sample_images(2, size=(32, 32)))
+
+
+def _short_inputs(family: str) -> dict[str, Any]:
+    """A left-padded 2-row batch of short prompts (28 tokens on Gemma3), for drop mode under a sliding window."""
+    return dict(_short_inputs_cached(family))
+
+
+def _fits_window(model: PreTrainedModel, inputs: dict[str, Any], n_new: int) -> bool:
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return not window or inputs["input_ids"].shape[1] + n_new < window
+
+
+@_drops_model_on_failure
+def check_drop_equals_mask(
+    method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 3
+) -> None:
+    """For a method whose config has ``mode`` ("drop" / "mask"): dropping the tokens gives the last-token logits
+    (to EXACT_ATOL) and the greedy tokens that masking them gives, and the drop run is shorter than the
+    prompt. On a sliding-window family the prompts are shortened to fit the window (drop mode needs that)."""
+    import attnkit
+
+    cls = _method_class(method)
+    if not _has_modes(cls):
+        raise AssertionError(f"{cls.name}'s config has no mode field (drop / mask)")
+    model, inputs = check_model(family, num_layers)
+    if not _fits_window(model, inputs, n_new):
+        inputs = _short_inputs(family)
+        if not _fits_window(model, inputs, n_new):
+            raise AssertionError(f"{family}: no prompt of the check fits the sliding window")
+    ref = _no_grad_logits(model, inputs)
+    runs = {}
+    for mode in ("drop", "mask"):
+        with attnkit.wrap(model, _make(cls, settings, mode=mode)):
+            runs[mode] = (_no_grad_logits(model, inputs), _greedy(model, inputs, n_new))
+    (dropped, drop_tokens), (masked, mask_tokens) = runs["drop"], runs["mask"]
+    where = _where(cls, family, settings)
+    if not dropped.shape[1] < inputs["input_ids"].shape[1]:
+        raise AssertionError(f"{where}: mode='drop' dropped no token (logits over {dropped.shape[1]} positions)")
+    err = float((dropped[:, -1] - masked[:, -1]).abs().max())
+    if not err <= EXACT_ATOL:
+        raise AssertionError(f"{where}: last-token logits differ by {err:.2e} between drop and mask (> {EXACT_ATOL})")
+    if not torch.equal(drop_tokens, mask_tokens):
+        raise AssertionError(f"{where}: drop generates {drop_tokens.tolist()}, mask {mask_tokens.tolist()}")
+    _assert_effect(cls, family, settings, ref, masked)
+
+
+@_drops_model_on_failure
+def check_runs(
+    method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 2
+) -> None:
+    """The method wraps the family's tiny model, a forward gives finite logits for every row and generate()
+    gives ``n_new`` tokens; remove() restores the unwrapped logits."""
+    import attnkit
+
+    cls = _method_class(method)
+    model, inputs = check_model(family, num_layers)
+    ref = _no_grad_logits(model, inputs)
+    with attnkit.wrap(model, _make(cls, settings)):
+        got = _no_grad_logits(model, inputs)
+        tokens = _greedy(model, inputs, n_new)
+    after = _no_grad_logits(model, inputs)
+    where = _where(cls, family, settings)
+    if got.shape[0] != ref.shape[0] or not torch.isfinite(got[:, -1]).all():
+        raise AssertionError(f"{where}: the wrapped forward gave logits of shape {tuple(got.shape)}, not all finite")
+    if tokens.shape != (ref.shape[0], n_new):
+        raise AssertionError(f"{where}: generate gave new tokens of shape {tuple(tokens.shape)}")
+    if not torch.equal(after, ref):
+        raise AssertionError(f"{where}: the logits after remove() differ from the unwrapped model's")
+
+
+@_drops_model_on_failure
+def check_unsupported(method: Any, family: str, settings: dict[str, Any] | None = None) -> None:
+    """On a family outside the method's ``families``, wrap() raises UnsupportedModelError and leaves the model
+    as it was."""
+    import attnkit
+    from .errors import UnsupportedModelError
+
+    cls = _method_class(method)
+    model, inputs = check_model(family)
+    before = _snapshot(model)
+    try:
+        handle = attnkit.wrap(model, _make(cls, settings))
+    except UnsupportedModelError:
+        pass
+    else:
+        handle.remove()
+        raise AssertionError(f"{cls.name} does not support {family} (families = {cls.families}) but wrap() accepted it")
+    _compare_snapshots(before, _snapshot(model), f"{_where(cls, family, settings)}, after a refused wrap()")
+
+
+_CHECK_FUNCTIONS = {
+    "restore": check_restore,
+    "neutral": check_neutral,
+    "batch_equals_rows": check_batch_equals_rows,
+    "cached_equals_recomputed": check_cached_equals_recomputed,
+    "drop_equals_mask": check_drop_equals_mask,
+}
+
+
+def check_method(method: Any, settings: Any = None) -> list[str]:
+    """Every applicable check on ``method`` (a Method class or registered name): the CHECKS on
+    ``check_families(method)``, check_runs on the other supported families, check_unsupported on the rest.
+    ``settings``: config kwargs for the checks, or a callable family -> kwargs (None: the defaults).
+    Raises the first AssertionError; returns what ran, e.g. ``["restore/llava", ...]``."""
+    cls = _method_class(method)
+    pick = settings if callable(settings) else (lambda family: settings)
+    ran = []
+    for name, reason in applicable_checks(cls).items():
+        if reason is None:
+            for family in check_families(cls):
+                _CHECK_FUNCTIONS[name](cls, family, pick(family))
+                ran.append(f"{name}/{family}")
+    for family in FAMILIES:
+        if family in check_families(cls):
+            continue  # the checks above ran the method there
+        if family in supported_families(cls):
+            check_runs(cls, family, pick(family))
+            ran.append(f"runs/{family}")
+        else:
+            check_unsupported(cls, family, pick(family))
+            ran.append(f"unsupported/{family}")
+    return ran

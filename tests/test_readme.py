@@ -44,3 +44,17 @@ def test_readme_method_example_runs(monkeypatch):
         torch.testing.assert_close(logits(model, inputs), ref, atol=1e-5, rtol=0)
     with attnkit.wrap(model, [namespace["Look"](alpha=1.0), "identity"]):  # identity asks for every row
         torch.testing.assert_close(logits(model, inputs), got, atol=1e-5, rtol=0)
+
+
+def test_readme_method_example_passes_the_common_checks(monkeypatch):
+    """What the README says an out-of-tree method gets: the common checks, called directly."""
+    from attnkit import testing
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    namespace = {"model": _tiny("llava")[0]}
+    exec(compile(_block(), "README.md", "exec"), namespace)
+    namespace["handle"].remove()
+    look = namespace["Look"]
+    testing.check_neutral(look, "llava", {"alpha": 1.0})
+    testing.check_batch_equals_rows(look, "llava", {"alpha": 1.0})
+    testing.check_restore(look, "qwen2_vl", {"alpha": 1.0})

@@ -94,6 +94,7 @@ class ACT(Method):
     name = "act"
     Config = ACTConfig
     neutral = {"beta": 1.0}
+    cache_exact = False
 
     def __init__(self, config: ACTConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

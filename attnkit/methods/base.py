@@ -137,6 +137,9 @@ class Method:
     families: ClassVar[tuple[str, ...] | None] = None
     #: The batch variant to run as contrast rows (None: none).
     contrast: Contrast | None = None
+    #: False where KV-cached decoding differs from a full recomputation by design (say why in the docstring;
+    #: the common suite then skips that check).
+    cache_exact: ClassVar[bool] = True
     #: Set when ``select`` removes tokens (drop mode) instead of masking them.
     drops_tokens: bool = False
     #: Set (with ``drops_tokens``) to renumber the kept tokens' positions after a drop (see ``select``).

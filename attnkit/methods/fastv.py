@@ -50,6 +50,7 @@ class FastV(PruningMethod):
     name = "fastv"
     Config = FastVConfig
     neutral = {"r": 0.0}
+    cache_exact = False
 
     def attach(self, handle: Any) -> None:
         super().attach(handle)

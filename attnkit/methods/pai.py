@@ -66,6 +66,7 @@ class PAI(Method):
     name = "pai"
     Config = PAIConfig
     neutral = {"alpha": 0.0}
+    cache_exact = False
 
     def __init__(self, config: PAIConfig | None = None, **kwargs) -> None:
         super().__init__(config, **kwargs)

@@ -78,6 +78,7 @@ class PyramidDrop(PruningMethod):
     name = "pdrop"
     Config = PyramidDropConfig
     neutral = {"ratio": 1.0}
+    cache_exact = False
 
     def __init__(self, config: PyramidDropConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -252,6 +252,7 @@ class SparseVLM(PruningMethod):
     name = "sparsevlm"
     Config = SparseVLMConfig
     neutral = {"budget": 100000}
+    cache_exact = False
 
     def __init__(self, config: SparseVLMConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

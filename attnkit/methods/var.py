@@ -115,6 +115,7 @@ class VAR(Method):
     name = "var"
     Config = VARConfig
     neutral = {"p": 1.0}
+    cache_exact = False
 
     def __init__(self, config: VARConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
