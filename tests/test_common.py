@@ -149,7 +149,7 @@ class NeutralLeaks(Method):
 
     name, Config, neutral = "broken_neutral", StrengthConfig, {"beta": 1.0}
 
-    def probs(self, ctx, layer, probs):
+    def probs(self, view, probs):
         probs[..., 0] *= min(self.config.beta, 0.9)
         return probs / probs.sum(-1, keepdim=True)
 
@@ -159,7 +159,7 @@ class RowsLeak(Method):
 
     name, Config, neutral = "broken_rows", StrengthConfig, {"beta": 0.0}
 
-    def probs(self, ctx, layer, probs):
+    def probs(self, view, probs):
         probs = probs + self.config.beta * probs.mean(0, keepdim=True)
         return probs / probs.sum(-1, keepdim=True)
 

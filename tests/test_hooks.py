@@ -401,3 +401,19 @@ def test_pruning_keep_mask_survives_kv_cached_decoding():
             torch.testing.assert_close(full, gen.logits[t], atol=1e-4, rtol=0)
     with torch.no_grad():
         assert not torch.allclose(model(**inputs).logits[:, -1], gen.logits[0], atol=1e-3), "drop had no effect"
+
+
+def test_contract_refuses_a_role_with_the_old_signature():
+    """A role written for the old contract (ctx, layer, tensor) fails at class creation with a clear message,
+    not deep inside a forward; the column form needs both halves and excludes probs."""
+    from attnkit.methods import Method
+
+    with pytest.raises(TypeError, match=r"Old.probs must take \(view, probs\): the layer is view.layer"):
+        type("Old", (Method,), {"probs": lambda self, ctx, layer, probs: probs})
+    with pytest.raises(TypeError, match="needs both columns"):
+        type("Half", (Method,), {"columns": lambda self, view: None})
+    with pytest.raises(TypeError, match="not both"):
+        type("Both", (Method,), {"columns": lambda self, view: None, "reweight": lambda self, view, p, c: (1, p),
+                                 "probs": lambda self, view, probs: probs})
+    ok = type("Ok", (Method,), {"logits": lambda self, view, logits, contrast=None: logits})
+    assert ok.roles() == frozenset({"logits"})

@@ -11,6 +11,7 @@ one place: ``self.state(view)``, a dict emptied at every prefill and kept across
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -29,6 +30,29 @@ ATTENTION_ROLES = ("scores", "column_stats", "probs", "columns", "observe", "hea
 ROLES = ATTENTION_ROLES + ("reweight", "select", "logits")
 #: The batch variants a method may ask for as contrast rows (see Contrast).
 CONTRAST_KINDS = ("no_image", "pixels", "prompt")
+
+
+#: Each role's and routing call's arguments after self.
+_ARGS = {
+    "scores": ("view", "scores"), "column_stats": ("view", "sums", "counts"), "probs": ("view", "probs"),
+    "columns": ("view",), "reweight": ("view", "p_cols", "cols"), "observe": ("view", "probs"),
+    "head_output": ("view", "out"), "select": ("view", "hidden"), "logits": ("view", "logits"),
+    "layers": ("view",), "rows": ("view",), "begin_forward": ("view",),
+}
+_ARITY = {role: len(args) for role, args in _ARGS.items()}
+
+
+def _takes(fn: Any, n: int) -> bool:
+    """Whether ``fn(self, *n args)`` binds (a logits role may take a third, the contrast logits)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(None, *range(n))
+        return True
+    except TypeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -157,6 +181,13 @@ class Method:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for role, n in _ARITY.items():
+            fn = cls.__dict__.get(role)
+            if callable(fn) and not _takes(fn, n):
+                args = ", ".join(_ARGS[role])
+                raise TypeError(
+                    f"{cls.__name__}.{role} must take ({args}): the layer is view.layer (see attnkit/methods/base.py)"
+                )
         if (cls.columns is None) != (cls.reweight is None):
             raise TypeError(f"{cls.__name__}: a column rewrite needs both columns() and reweight()")
         if cls.columns is not None and cls.probs is not None:
