@@ -50,13 +50,7 @@ def settings_for(name: str, family: str) -> dict[str, Any] | None:
 
 
 #: Checks that fail today, each with its reason: reported as xfail (strict, so a fix turns them red).
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    (name, "drop_equals_mask", "gemma3"): (
-        f"{name} mode='drop' on a left-padded Gemma3 batch of 28 tokens raises the sliding-window error "
-        "('32 tokens; this one has 29') at the first decode step although 29 < 32 (FastV passes)"
-    )
-    for name in ("pdrop", "sparsevlm")
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -576,15 +576,27 @@ class Handle:
         if value.dim() != 4:
             raise UnsupportedModelError(f"{self.adapter.family}: cannot drop tokens with a {value.dim()}-D attention mask")
         total = ctx.kv_len
+        window = getattr(self.adapter.text_config, "sliding_window", None)
         if value.shape[-1] != total:
+            if not ctx.is_prefill and ctx.q_len == 1 and value.shape[-1] < total and (not window or total <= window):
+                return self._decode_mask(pos, value)
             names = ",".join(m.name for m in self.methods if m.drops_tokens)
-            window = getattr(self.adapter.text_config, "sliding_window", None) or value.shape[-1]
-            raise UnsupportedModelError(self._window_message(names, window, total))
+            raise UnsupportedModelError(self._window_message(names, window or value.shape[-1], total))
         x = value.expand(bsz, *value.shape[1:])
         if ctx.is_prefill:
             x = x.gather(2, pos.view(bsz, 1, n, 1).expand(bsz, x.shape[1], n, x.shape[3]))
         cols = ctx.kv_index(pos)
         return x.gather(3, cols.view(bsz, 1, 1, -1).expand(bsz, x.shape[1], x.shape[2], cols.shape[1]))
+
+    def _decode_mask(self, pos: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's (B, 1, 1, kv) bool mask over a dropped layer's own keys, from the 2-D padding mask.
+        transformers sizes each attention type's decode mask by one layer's cache (5.24: the first layer of
+        that type), which after a drop may be another stage's compacted length: not this layer's columns."""
+        attn = self.state.attention_mask
+        if attn is None:
+            return None  # every key visible (the sequence fits the window: checked by the caller)
+        cols = self.state.kv_index(pos.to(attn.device))
+        return attn.gather(1, cols)[:, None, None, :].to(like.device)
 
     def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         """The logits roles, then the user's rows only (the contrast rows never leave)."""
