@@ -216,7 +216,7 @@ def test_compiled_forward_with_static_cache():
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_output_attentions_by_argument(family):
     """Every layer's weights, as eager attention gives them, with no method and with one; a method that
-    works on some rows only still returns every row; the branch rows of PAI's CFG are not returned."""
+    works on some rows only still returns every row; the contrast rows of PAI's CFG are not returned."""
     model, inputs = deep(family)
     model.set_attn_implementation("eager")
     try:

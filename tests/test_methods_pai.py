@@ -136,7 +136,7 @@ def test_cfg_plain_forward_and_errors():
     with attnkit.wrap(model, PAI(alpha=0.2, start_layer=0, cfg_gamma=1.1)):
         with torch.no_grad():
             out = model(**inputs)
-        assert out.logits.shape[0] == 2, "the branch rows never leave the wrap"
+        assert out.logits.shape[0] == 2, "the contrast rows never leave the wrap"
         with pytest.raises(errors.InputError, match="beam search"):
             model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
     assert PAI(cfg_gamma=1.0).contrast is None and PAI().contrast is None

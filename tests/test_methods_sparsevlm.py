@@ -388,7 +388,7 @@ def test_mask_mode_with_pai_cfg_rows():
     want = _hand_counts(192, n, True)
     # each stage's keep masks the tokens that stage removes
     assert keeps == [[seq - (prev - k)] * 2 + [seq] * 2 for prev, k in zip([n, *want], want)]
-    with pytest.raises(errors.MethodArgumentError, match="cannot run with a method that adds image-free"):
+    with pytest.raises(errors.MethodArgumentError, match="cannot run with a method that adds contrast rows"):
         with torch.no_grad(), attnkit.wrap(model, [SparseVLM(), PAI(cfg_gamma=1.1)]):
             model(**inputs)
 

@@ -434,7 +434,7 @@ class Handle:
         ctx = self.state
         if ctx.contrast_rows:
             raise MethodArgumentError(
-                f"{method.name}: mode='drop' cannot run with a method that adds image-free branch rows "
+                f"{method.name}: mode='drop' cannot run with a method that adds contrast rows "
                 "(PAI's cfg_gamma); use mode='mask'"
             )
         if layer < self.adapter.first_droppable_layer:

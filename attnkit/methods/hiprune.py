@@ -82,13 +82,13 @@ def check_anchors(budget: int, alpha: float, what: str = "budget") -> None:
 
 @dataclasses.dataclass
 class HiPruneConfig(MethodConfig):
-    """budget: tokens kept per image (None: the family's default, see DEFAULT_BUDGET); alpha: share of
-    the budget for anchors and their buffers; object_layer: 1-based vision layer of the anchors (None:
-    the family's default)."""
+    """budget: tokens kept per image (None: the vision encoder's default, one view or anyres, see
+    DEFAULT_BUDGET); alpha: share of the budget for anchors and their buffers; object_layer: 1-based vision
+    layer of the anchors (None: the official layer rescaled to the encoder's depth)."""
 
-    budget: int | None = MethodConfig.option(None, help="tokens kept per image (none = the family's default)", lo=1)
+    budget: int | None = MethodConfig.option(None, help="tokens kept per image (none = 192, anyres 640)", lo=1)
     alpha: float = MethodConfig.option(0.1, help="share of the budget for anchors and their buffers", lo=0.0, hi=1.0)
-    object_layer: int | None = MethodConfig.option(None, help="1-based vision layer of the anchors (none = the family's)", lo=1)
+    object_layer: int | None = MethodConfig.option(None, help="1-based vision layer of the anchors (none = official, rescaled)", lo=1)
 
     def validate(self) -> None:
         if self.budget is not None:

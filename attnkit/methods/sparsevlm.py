@@ -317,7 +317,7 @@ class SparseVLM(PruningMethod):
         if layer == 0:
             if self.drops_tokens and view.contrast_rows:  # keep_top would silently drop nothing
                 raise MethodArgumentError(
-                    "sparsevlm: mode='drop' cannot run with a method that adds image-free branch rows "
+                    "sparsevlm: mode='drop' cannot run with a method that adds contrast rows "
                     "(PAI's cfg_gamma); use mode='mask'"
                 )
             self._state(view)["raters"] = self.raters(view, hidden)
