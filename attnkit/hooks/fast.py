@@ -45,9 +45,7 @@ def single_row(call: Call, roles: Roles, view: View, visible) -> tuple:
         scores = fn(v, scores)
     probs = softmax(scores, call.query.dtype)
     if roles.stats:
-        stats = Stats(bsz, n_heads, kv_len, call.query.device)
-        stats.add(probs, visible, dead)
-        stats.give(roles, v)
+        Stats.of(probs, visible, dead).give(roles, v)
     cols = layer_columns(roles, v) if roles.rewrites else {}
     probs = apply_probs(roles, v, probs, dead, cols)
     weights = probs if call.want_weights else None

@@ -155,8 +155,14 @@ def flat(x: torch.Tensor) -> torch.Tensor:
 def block_scores(call: Call, pos: torch.Tensor, sl: slice | None, visible, kv_end: int):
     """The one scores-and-mask sequence: (scores (B, H, r, kv_end) in the query dtype, softcapped and
     masked with the dtype's minimum; dead (B|1, 1, r, 1) bool rows that see no key, or None)."""
-    bsz, n_heads, _, _, kv_heads, _ = call.shape
-    q = (call.query[:, :, sl] if sl is not None else call.query[:, :, pos]) * call.scaling
+    query = call.query
+    bsz, n_heads, q_len = query.shape[:3]
+    kv_heads = call.key.shape[1]
+    if sl is None:
+        query = query[:, :, pos]
+    elif sl.start != 0 or sl.stop != q_len:
+        query = query[:, :, sl]
+    q = query * call.scaling
     r = q.shape[2]
     scores = torch.bmm(grouped(q, kv_heads), flat(call.key[:, :, :kv_end]).transpose(1, 2)).view(bsz, n_heads, r, kv_end)
     if call.softcap is not None:
@@ -188,6 +194,15 @@ class Stats:
     def __init__(self, bsz: int, heads: int, kv_len: int, device: torch.device) -> None:
         self.sums = torch.zeros(bsz, heads, kv_len, device=device)
         self.counts = torch.zeros(1, 1, kv_len, device=device)
+
+    @classmethod
+    def of(cls, probs: torch.Tensor, visible, dead) -> Stats:
+        """The statistics of one block that holds every requested row (a decode step), without accumulators."""
+        out = cls.__new__(cls)
+        seen = probs if dead is None else probs.masked_fill(dead, 0.0)
+        out.sums = seen.sum(2, dtype=torch.float32)
+        out.counts = visible_counts(visible, seen.shape[2], seen.shape[-1], seen.device)
+        return out
 
     def add(self, probs: torch.Tensor, visible, dead) -> None:
         seen = probs if dead is None else probs.masked_fill(dead, 0.0)
@@ -223,7 +238,7 @@ def _column_rewrite(method, view: View, probs: torch.Tensor, cols: torch.Tensor 
     if cols is None or cols.numel() == 0:
         return probs
     cols = cols.to(probs.device)
-    inside = cols[cols < probs.shape[-1]]
+    inside = cols if int(cols[-1]) < probs.shape[-1] else cols[cols < probs.shape[-1]]  # cols are sorted
     p = probs.float()  # the same tensor for fp32: rewritten in place
     p_cols = p[..., inside]  # masked columns hold 0 already (rows that see no key are zeroed later)
     if inside.numel() < cols.numel():  # columns beyond this block's keys: no row of it sees them

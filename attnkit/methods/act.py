@@ -175,7 +175,7 @@ class ACT(Method):
         if st is None:
             return None
         sink = self._sinks(st, view.kv_len)
-        cols = sink.any(1).any(0).nonzero().flatten()
+        cols = sink.flatten(0, 1).any(0).nonzero().flatten()
         st["sparse"] = sink[..., cols]  # (B, H, n): which of them are sinks in each head
         return cols
 
