@@ -1,8 +1,9 @@
 """What a method sees of a forward: ``View``, a read-only view of one call, over ``ForwardState``.
 
 ``ForwardState`` is the handle's record of the forward in progress (prefill or one decode step).
-Only the manager writes it: once at the start of every top-level forward, and when a token
-selection drops or masks tokens. Methods never see it; every callback gets a ``View``:
+Only the manager writes its fields: once at the start of every top-level forward, and when a token
+selection drops or masks tokens (the kernel fills its two declared per-forward caches, ``seqs`` and
+``padded``). Methods never see it; every callback gets a ``View``:
 
 - the forward: ``is_prefill``, ``step``, ``batch_size`` (the contrast rows included), ``main_batch``,
   ``contrast_rows``, ``prompt_len``, the model's geometry;

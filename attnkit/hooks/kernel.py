@@ -237,15 +237,20 @@ def _column_rewrite(method, view: View, probs: torch.Tensor, cols: torch.Tensor 
     """A column-form rewrite on full rows: P' = factor * P off ``cols``, the method's new values on them."""
     if cols is None or cols.numel() == 0:
         return probs
-    cols = cols.to(probs.device)
-    inside = cols if int(cols[-1]) < probs.shape[-1] else cols[cols < probs.shape[-1]]  # cols are sorted
+    if cols.device != probs.device:
+        cols = cols.to(probs.device)
     p = probs.float()  # the same tensor for fp32: rewritten in place
-    p_cols = p[..., inside]  # masked columns hold 0 already (rows that see no key are zeroed later)
-    if inside.numel() < cols.numel():  # columns beyond this block's keys: no row of it sees them
-        p_cols = torch.cat([p_cols, p_cols.new_zeros(*p.shape[:3], cols.numel() - inside.numel())], dim=-1)
-    factor, new = method.reweight(view, p_cols, cols)
-    p.mul_(factor)
-    p[..., inside] = new[..., : inside.numel()].to(p.dtype)
+    if int(cols[-1]) < p.shape[-1]:  # cols are sorted: all of them inside this block's keys
+        p_cols = p[..., cols]  # masked columns hold 0 already (rows that see no key are zeroed later)
+        factor, new = method.reweight(view, p_cols, cols)
+        p.mul_(factor)
+        p[..., cols] = new
+    else:  # columns beyond this block's keys: no row of it sees them
+        inside = cols[cols < p.shape[-1]]
+        p_cols = torch.cat([p[..., inside], p.new_zeros(*p.shape[:3], cols.numel() - inside.numel())], dim=-1)
+        factor, new = method.reweight(view, p_cols, cols)
+        p.mul_(factor)
+        p[..., inside] = new[..., : inside.numel()]
     return p if probs.dtype == torch.float32 else p.to(probs.dtype)
 
 
