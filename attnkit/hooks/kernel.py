@@ -128,6 +128,9 @@ def block_mask(call: Call, pos: torch.Tensor, sl: slice | None) -> tuple[torch.T
 def mask_scores(scores: torch.Tensor, visible: torch.Tensor, value: float) -> None:
     """``scores.masked_fill_(~visible, value)``, touching only the runs of key columns some row of the block
     cannot see (left padding, the causal diagonal block): at most a few narrow slices."""
+    if visible.shape[2] == 1:  # one row (a decode step): one fill costs less than finding the runs
+        scores.masked_fill_(~visible, value)
+        return
     cols = (~visible.reshape(-1, visible.shape[-1]).all(0)).nonzero().flatten()
     if cols.numel() == 0:
         return
