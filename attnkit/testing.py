@@ -1105,7 +1105,7 @@ def _row_inputs(family: str, row: int) -> dict[str, Any]:
     return dict(_row_inputs_cached(family, row))
 
 
-def _extend(inputs: dict[str, Any], new: torch.Tensor) -> dict[str, Any]:
+def extend_inputs(inputs: dict[str, Any], new: torch.Tensor) -> dict[str, Any]:
     """``inputs`` with ``new`` (B, n) tokens appended, per-token tensors extended as generate() does."""
     out = dict(inputs)
     ids = inputs["input_ids"]
@@ -1134,7 +1134,7 @@ def check_cached_equals_recomputed(
             return_dict_in_generate=True, output_scores=True, output_logits=True,
         )  # fmt: skip
         tokens = gen.sequences[:, inputs["input_ids"].shape[1] :]
-        full = [model(**_extend(inputs, tokens[:, :t])).logits[:, -1] for t in range(n_new)]
+        full = [model(**extend_inputs(inputs, tokens[:, :t])).logits[:, -1] for t in range(n_new)]
     where = _where(cls, family, settings)
     for t in range(n_new):
         err = float((full[t] - gen.logits[t]).abs().max())

@@ -51,16 +51,7 @@ def logits(model, inputs) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def extend_inputs(inputs: dict, new: torch.Tensor) -> dict:
-    """Inputs with ``new`` (B, n) tokens appended, per-token tensors extended as generate does."""
-    out = dict(inputs)
-    ids = inputs["input_ids"]
-    out["input_ids"] = torch.cat([ids, new], dim=1)
-    for key, value in inputs.items():
-        if key != "input_ids" and isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape:
-            fill = 1 if key == "attention_mask" else 0
-            out[key] = torch.cat([value, value.new_full((ids.shape[0], new.shape[1]), fill)], dim=1)
-    return out
+extend_inputs = testing.extend_inputs  # inputs with new tokens appended, as generate() extends them
 
 
 PADDED_PROMPTS = ["Is there a dog in the image?", "Please describe this image in detail and answer yes or no."]
