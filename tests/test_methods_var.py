@@ -240,3 +240,21 @@ def test_only_image_centric_pairs_of_chosen_layers_change(family, skip_last):
     finally:
         for hk in hooks:
             hk.remove()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_cached_decode_equals_recomputation_with_planted_sinks(family):
+    """VAR declares cache_exact = False because a recomputation may find sinks among generated tokens,
+    which cached decoding never takes. With sinks only where they are planted (the prompt: the first
+    token and image tokens), nothing differs: every cached step gives the recomputation's logits."""
+    from attnkit import testing
+
+    model, _ = testing.check_model(family)
+    hooks, _ = plant_sinks(model)
+    try:
+        testing.check_cached_equals_recomputed(
+            "var", family, dict(p=0.2, tau=TAU, sink_dims=[SINK_DIM], start_layer=1, skip_last=0, summ=0.0, rho=1.0)
+        )
+    finally:
+        for hk in hooks:
+            hk.remove()
