@@ -353,7 +353,6 @@ class ImageLift(Method):
     name = "image_lift_double"
 
     def scores(self, ctx, scores):
-        layer = ctx.layer
         image = ctx.image_mask_kv()[:, None, None, : scores.shape[-1]].to(scores.dtype)
         return scores + image
 

@@ -58,11 +58,9 @@ class PassThrough(Method):
         self.seen_rows = None
 
     def rows(self, ctx):
-        layer = ctx.layer
         return self._rows
 
     def probs(self, ctx, probs):
-        layer = ctx.layer
         assert probs.shape[2] == ctx.rows.numel()
         self.seen_rows = (self.seen_rows or 0) + probs.shape[2]  # rows over all blocks of one call
         return probs

@@ -56,7 +56,6 @@ class PointAt(Method):
             self.target = [int(p[idx]) for p in ctx.image_positions]
 
     def scores(self, ctx, scores):
-        layer = ctx.layer
         for b, pos in enumerate(self.target):
             scores[b, :, :, pos] += 50.0
         return scores

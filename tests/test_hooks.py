@@ -35,7 +35,6 @@ class Observer(Method):
         return self.only_layers
 
     def rows(self, ctx):
-        layer = ctx.layer
         return torch.tensor([ctx.q_len - 1]) if self.last_row else None
 
     def observe(self, ctx, probs):
@@ -65,11 +64,9 @@ class LastRowBoost(Method):
     name = "lastrowboost_double"
 
     def rows(self, ctx):
-        layer = ctx.layer
         return torch.tensor([ctx.q_len - 1])
 
     def scores(self, ctx, scores):
-        layer = ctx.layer
         scores = scores.clone()
         scores[..., -1, 0] += 3.0  # the last row whether or not other methods asked for all rows
         return scores
@@ -105,7 +102,6 @@ class Order(Method):
         return {0}
 
     def probs(self, ctx, probs):
-        layer = ctx.layer
         self.log.append((self.tag, float(probs.sum())))
         return probs * self.scale
 
@@ -357,7 +353,6 @@ class ZeroHead(Method):
         return {1}
 
     def head_output(self, ctx, out):
-        layer = ctx.layer
         out = out.clone()
         out[:, :, 0] = 0.0
         return out

@@ -165,7 +165,6 @@ class Probe(Method):
         return {self.layer}
 
     def observe(self, ctx, probs):
-        layer = ctx.layer
         self.seen.append((ctx.q_len, ctx.past_len, ctx.kv_len, int(ctx.image_mask_kv().sum()), probs.shape[-1]))
 
 
@@ -187,7 +186,6 @@ def test_drop_errors():
 
     class Uneven(EveryOther):
         def select(self, ctx, hidden):
-            layer = ctx.layer
             keep = super().select(ctx, hidden)
             if keep is not None:
                 keep[0, -1] = False  # row 0 loses one more token

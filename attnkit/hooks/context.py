@@ -21,7 +21,7 @@ positions they had at prefill.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -244,7 +244,3 @@ class View:
     def __repr__(self) -> str:
         phase = "prefill" if self.is_prefill else f"decode step {self.step}"
         return f"View({phase}, layer={self.layer}, q_len={self.q_len}, past_len={self.past_len})"
-
-
-#: a ``select`` view's helper: (hidden, rows) -> probabilities
-Attend = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

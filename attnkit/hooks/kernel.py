@@ -282,7 +282,9 @@ def reference(call: Call, roles: Roles, view: View, rows: torch.Tensor | None, o
         return softmax(scores, call.query.dtype), v, dead, kv_end
 
     cached = _stats_pass(call, roles, view, blocks, probs_of, opts) if roles.stats else None
-    cols = layer_columns(roles, view.at(rows if rows is not None else torch.arange(q_len, device=dev)))
+    cols = {}
+    if any(m.columns is not None for m in roles.rewrites):  # asked once per layer, after the statistics
+        cols = layer_columns(roles, view.at(rows if rows is not None else torch.arange(q_len, device=dev)))
     weights = call.query.new_zeros(bsz, n_heads, q_len, kv_len) if call.want_weights else None
     out = call.query.new_empty(bsz, n_heads, n_rows, head_dim)
     done = 0

@@ -417,7 +417,7 @@ class Handle:
         keep = self.state.keep_for_layer(layer) if self.state.keep else None
         return capture.layer_attention(self.adapter.text_config, module, hidden, kwargs, rows, keep)
 
-    # -- token dropping (see ForwardContext.enter_layer) ---------------------------------------
+    # -- token dropping (later layers' views: ForwardState.seq) ----------------------------------------
     def _original_keep(self, layer: int, keep: torch.Tensor) -> torch.Tensor:
         """A mask-mode keep over the layer's (possibly compacted) keys -> over original prompt positions."""
         ctx = self.state
