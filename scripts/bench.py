@@ -10,6 +10,7 @@ Measures prefill time, N-token greedy generate time and peak memory, side by sid
   (f) PAI  (defaults: alpha=0.2, layers 2..31, last row only)
   (g) ACT  (defaults: beta=0.4, threshold=0.1, every head of layers 2..31)
   (h) PAI with its CFG step (cfg_gamma=1.1: the image-free prompt as extra batch rows)
+  (i) VHR  (defaults: alpha=2, VHD selection at prefill with the image-free rows, last 14 layers)
 
 Method targets: generate time <= 1.15x and peak memory <= 1.10x of (a); >= 1.5x faster than (d)
 at llavanext-mini. The model is random, so it has no massive activations of its own: every
@@ -84,12 +85,13 @@ KINDS = {
     "pai": ("f", "(f) PAI"),
     "act": ("g", "(g) ACT"),
     "pai-cfg": ("h", "(h) PAI + CFG"),
+    "vhr": ("i", "(i) VHR"),
 }
 
 
 def make_methods(kind: str) -> list | None:
     """The attnkit methods of a configuration (None: not wrapped)."""
-    from attnkit.methods import ACT, PAI, VAR
+    from attnkit.methods import ACT, PAI, VAR, VHR
 
     return {
         "wrap-empty": [],
@@ -98,6 +100,7 @@ def make_methods(kind: str) -> list | None:
         "pai": [PAI()],
         "act": [ACT()],
         "pai-cfg": [PAI(cfg_gamma=1.1)],
+        "vhr": [VHR()],
     }.get(kind)
 
 
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
-    p.add_argument("--configs", default="a,b,c,d", help="which of a..h to run (e.g. a,d,e,f,g,h for the methods)")
+    p.add_argument("--configs", default="a,b,c,d", help="which of a..i to run (e.g. a,d,e,f,g,h for the methods)")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS, one subprocess per configuration")
     p.add_argument("--memory-repeats", type=int, default=2)
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold (noisy RSS)")

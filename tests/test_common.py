@@ -117,6 +117,7 @@ def test_applicability():
         "sparsevlm": ["cached_equals_recomputed"],
         "visionzip": ["drop_equals_mask", "neutral"],  # no-op budget depends on the image
         "hiprune": ["drop_equals_mask", "neutral"],
+        "vhr": ["cached_equals_recomputed", "drop_equals_mask"],  # selects heads once, at prefill
     }
     assert {k: v for k, v in skipped.items() if k in expected} == expected
     for name in attnkit.list_methods():

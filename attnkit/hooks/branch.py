@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,6 +65,31 @@ def _cache_batch(cache: Any) -> int | None:
         return None
 
 
+#: Per-token inputs the packed layout knows how to extend (any other (B, q) tensor input: the padded layout).
+_PACKED_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position") + TOKEN_TYPE_KEYS
+
+
+@dataclass
+class Packed:
+    """A packed prefill: each user row carries its image-free twin as ``width`` extra tokens after its ``q_len``
+    prompt tokens (the twin left-padded to ``width``), so that the projections and MLP run on the real
+    length. ``ids`` / ``mask`` (2B, q_len) describe the same forward in the padded-rows layout (the user's
+    rows, then the twins left-padded to q_len), which is what the ForwardState and the methods see.
+    ``keep`` the ``logits_to_keep`` the caller asked for (None: every position)."""
+
+    q_len: int
+    width: int
+    ids: torch.Tensor | None
+    mask: torch.Tensor
+    keep: int | None
+
+    @property
+    def contrast_mask(self) -> torch.Tensor:
+        """(B, width) padding mask of the twins' tokens."""
+        b = self.mask.shape[0] // 2
+        return self.mask[b:, self.q_len - self.width :]
+
+
 class ContrastBranch:
     """Builds the extended inputs of each forward for one Contrast and remembers the rows' attention mask."""
 
@@ -76,6 +102,7 @@ class ContrastBranch:
         self._encoder: Any = None  # the unshadowed get_image_features, while it is shadowed
         self._passthrough = False  # this forward's image inputs are repeated already
         self._encoded = False  # get_image_features encoded the repeated images since the last prefill
+        self.packed: Packed | None = None  # the forward in progress is a packed prefill
 
     @property
     def image_free(self) -> bool:
@@ -125,10 +152,46 @@ class ContrastBranch:
         """The forward ended (its output hook)."""
         self._passthrough = False
 
-    def expand(self, kwargs: dict[str, Any], past_len: int, cache: Any = None) -> dict[str, Any]:
+    @property
+    def decodes(self) -> bool:
+        """Whether the rows go on through the decode steps (else they run at prefill only)."""
+        return self.contrast.decode
+
+    def drop_rows(self, cache: Any, main: int) -> None:
+        """After a prefill of a ``Contrast(decode=False)``: keep only the user's ``main`` rows in the KV cache
+        (``Cache.batch_select_indices``) and in the family's per-batch state (``Adapter.keep_batch_rows``)."""
+        if cache is not None:
+            select = getattr(cache, "batch_select_indices", None)
+            if not callable(select):
+                raise TransformersCompatError(
+                    f"{type(cache).__name__} has no batch_select_indices(); attnkit cannot drop {self._what} "
+                    "from the KV cache after the prefill"
+                )
+            layers = getattr(cache, "layers", None) or []
+            keys = getattr(layers[0], "keys", None) if layers else None
+            device = keys.device if isinstance(keys, torch.Tensor) else None
+            select(torch.arange(main, device=device))
+            got = _cache_batch(cache)
+            if got is not None and got != main:
+                raise TransformersCompatError(
+                    f"{type(cache).__name__}.batch_select_indices left {got} rows, not {main}: attnkit cannot drop "
+                    f"{self._what} from the KV cache"
+                )
+        self.adapter.keep_batch_rows(main)
+        self.mask, self.rows = None, 0
+
+    def expand(
+        self, kwargs: dict[str, Any], past_len: int, cache: Any = None, pack_limit: int | None = None
+    ) -> dict[str, Any]:
         """``kwargs`` of one forward with the contrast rows appended (a new dict); ``cache`` is the KV
-        cache the forward carries (found by type, see compat.find_cache)."""
+        cache the forward carries (found by type, see compat.find_cache). ``pack_limit``: the longest
+        packed prefill the model allows (0: no packing; None: any length); see ``packs``."""
         self._passthrough = False
+        self.packed = None
+        if past_len == 0 and pack_limit != 0 and self._packable(kwargs):
+            out = self._pack(kwargs, pack_limit)
+            if out is not None:
+                return out
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
@@ -180,6 +243,128 @@ class ContrastBranch:
         if not self.image_free:
             out = self._repeat_images(out, past_len)
         return out
+
+    def _packable(self, kwargs: dict[str, Any]) -> bool:
+        """Whether this prefill can run packed: image-free rows used at prefill only, position ids given (the
+        twins get their own, and the model must not derive the user's from the packed row), an int
+        ``logits_to_keep`` (or none), and no per-token input the packed layout does not know."""
+        if not (self.image_free and not self.decodes):
+            return False
+        pos, ref = kwargs.get("position_ids"), kwargs.get("input_ids")
+        ref = ref if ref is not None else kwargs.get("inputs_embeds")
+        if not isinstance(pos, torch.Tensor) or not isinstance(ref, torch.Tensor) or pos.shape[-1] != ref.shape[1]:
+            return False
+        keep = kwargs.get("logits_to_keep")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+            return False
+        attn = kwargs.get("attention_mask")
+        if attn is not None and (not isinstance(attn, torch.Tensor) or attn.dim() != 2):
+            return False
+        batch, q_len = ref.shape[:2]
+        for key, value in kwargs.items():
+            if key not in _PACKED_KEYS and isinstance(value, torch.Tensor) and value.shape[:2] == (batch, q_len):
+                return False
+        return True
+
+    def _pack(self, kwargs: dict[str, Any], limit: int | None) -> dict[str, Any] | None:
+        """The packed prefill's inputs (see Packed), or None when it would exceed ``limit`` tokens."""
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        batch, q_len = ref.shape[:2]
+        attn = kwargs.get("attention_mask")
+        main_mask = attn if attn is not None else torch.ones(batch, q_len, dtype=torch.long, device=ref.device)
+        if ids is not None:
+            text = self.adapter.text_only_inputs({"input_ids": ids, "attention_mask": main_mask})
+            twin, twin_mask = text["input_ids"], text["attention_mask"].to(main_mask.dtype)
+        else:
+            image = self.adapter.image_mask_from_layout(main_mask, batch, q_len)
+            if image is None:
+                raise InputError(f"{self.adapter.family}: cannot find the image tokens in inputs_embeds for the image-free branch")
+            index = compact_left(main_mask.bool() & ~image.to(main_mask.device))
+            twin, twin_mask = gather_left(embeds, index, 0), (index >= 0).to(main_mask.dtype)
+        width = twin.shape[1]
+        if width == 0 or width > q_len or (limit is not None and q_len + width > limit):
+            return None
+        keep = kwargs.get("logits_to_keep")
+        keep = None if keep is None or keep == 0 or keep >= q_len else int(keep)
+        out = dict(kwargs)
+        out["input_ids" if ids is not None else "inputs_embeds"] = torch.cat([ref, twin.to(ref.dtype)], dim=1)
+        if attn is not None or not bool(twin_mask.all()):
+            out["attention_mask"] = torch.cat([main_mask, twin_mask], dim=1)
+        pos = kwargs["position_ids"]
+        twin_pos = positions(twin_mask).to(pos.device, pos.dtype)
+        if pos.dim() == 3:
+            twin_pos = twin_pos[None].expand(pos.shape[0], -1, -1)
+        elif pos.shape[0] != batch:
+            pos = pos.expand(batch, -1)
+        out["position_ids"] = torch.cat([pos, twin_pos], dim=-1)
+        cache_pos = kwargs.get("cache_position")
+        if isinstance(cache_pos, torch.Tensor) and cache_pos.dim() == 1 and cache_pos.shape[0] == q_len:
+            out["cache_position"] = torch.arange(q_len + width, device=cache_pos.device, dtype=cache_pos.dtype)
+        for key in TOKEN_TYPE_KEYS:
+            value = kwargs.get(key)
+            if isinstance(value, torch.Tensor):
+                out[key] = torch.cat([value, value.new_zeros(batch, width)], dim=1)
+        if keep is not None:
+            rows = torch.arange(keep, device=ref.device)
+            out["logits_to_keep"] = torch.cat([rows + q_len - keep, rows + q_len + width - keep])
+        padded_ids = None
+        if ids is not None:
+            padded_ids = torch.cat([ids, _left_pad(twin, q_len, self.adapter.pad_id)], dim=0)
+        mask = torch.cat([main_mask, _left_pad(twin_mask, q_len, 0)], dim=0)
+        self.packed = Packed(q_len, width, padded_ids, mask, keep)
+        self.mask, self.rows = mask[batch:], batch
+        return out
+
+    def unpack_output(self, output: Any, main: int) -> torch.Tensor | None:
+        """After a packed prefill: the user's logits, hidden states and attentions put back in ``output``
+        (in place); returns the twins' logits (B, q, V) left-padded (or their last ``keep`` positions)."""
+        packed = self.packed
+        q_len, width, keep = packed.q_len, packed.width, packed.keep
+        hidden = getattr(output, "hidden_states", None)
+        if hidden:
+            output.hidden_states = tuple(h[:, :q_len] if h is not None and h.dim() == 3 else h for h in hidden)
+        weights = getattr(output, "attentions", None)
+        if weights:
+            output.attentions = tuple(w[:main] if w is not None else w for w in weights)
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            return None
+        got = logits.shape[1]
+        if keep is not None and got == 2 * keep:
+            output.logits = logits[:, :keep]
+            return logits[:, keep:]
+        if keep is None and got == q_len + width:
+            output.logits = logits[:, :q_len]
+            return _left_pad(logits[:, q_len:], q_len, 0.0)
+        raise TransformersCompatError(
+            f"the packed prefill returned logits for {got} positions, attnkit expected "
+            f"{2 * keep if keep is not None else q_len + width} ({type(self.adapter.model).__name__})"
+        )
+
+    def crop_packed(self, cache: Any) -> None:
+        """After a packed prefill: the twins' tokens removed from the end of the KV cache (``Cache.crop``)."""
+        packed = self.packed
+        self.packed = None
+        self.mask, self.rows = None, 0
+        if cache is None:
+            return
+        crop = getattr(cache, "crop", None)
+        length = getattr(cache, "get_seq_length", None)
+        if not callable(crop) or not callable(length):
+            raise TransformersCompatError(
+                f"{type(cache).__name__} has no crop()/get_seq_length(); attnkit cannot drop {self._what} from the KV cache"
+            )
+        total = packed.q_len + packed.width
+        if length() != total:
+            raise TransformersCompatError(
+                f"after the packed prefill the KV cache holds {length()} tokens, attnkit expected {total}"
+            )
+        crop(-packed.width)  # negative: remove that many tokens (the only form every 5.x release accepts)
+        if length() != packed.q_len:
+            raise TransformersCompatError(
+                f"{type(cache).__name__}.crop(-{packed.width}) left {length()} tokens, not {packed.q_len}"
+            )
 
     def _repeat_images(self, out: dict[str, Any], past_len: int) -> dict[str, Any]:
         """The forward's image inputs for the contrast rows: raw ones repeated here (and passed through the

@@ -70,6 +70,9 @@ class ForwardState:
     prompt_len: int = 0
     #: contrast rows appended to the user's batch: rows [batch_size - contrast_rows, batch_size)
     contrast_rows: int = 0
+    #: a packed prefill (branch.Packed): (q_len, twin width): each attention call holds q_len + width tokens
+    #: per user row, which the dispatcher presents to the methods as 2B rows of q_len (None: not packed)
+    packed: tuple[int, int] | None = None
     #: mask-mode pruning: (from_layer, keep (B, prompt_len) bool over original positions)
     keep: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     #: drop-mode pruning: (from_layer, positions (B, n) long: original prompt positions present from that

@@ -5,7 +5,7 @@ active method touches goes straight to transformers' fused sdpa function with it
 untouched. Otherwise the call is put in normal form (kernel.Call) and computed by the reference
 kernel (kernel.reference) for the query rows the methods ask for, or by one of its fast paths
 (fast.py: a single decode row, fused sdpa for the rows no method asks for, the column form of a
-column rewrite), picked here from the call and the handle's KernelOptions.
+column rewrite, fused sdpa followed by the per-head output roles), picked here from the call and the handle's KernelOptions.
 
 With a method active, every call first runs ``_check_call``: not inside torch.compile, one call
 per layer and forward, and the key length the forward state expects (compat.check_keys), so a
@@ -59,6 +59,13 @@ def attention(
         if handle.want_weights:  # output_attentions: the weights of every layer, from the reference kernel
             return _run(handle, _NO_ROLES, module, layer, query, key, value, attention_mask, *args, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    if handle.state.packed is not None:
+        return _packed(handle, module, layer, query, key, value, attention_mask, *args, **kwargs)
+    return _attend(handle, module, layer, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _attend(handle: Handle, module, layer: int, query, key, value, attention_mask, *args: Any, **kwargs: Any) -> tuple:
+    """A wrapped layer's attention with the methods active: checks, pruning masks, then the path."""
     _check_call(handle, layer, key.shape[2])
     state = handle.state
     keep = state.keep_for_layer(layer) if state.keep else None
@@ -79,6 +86,58 @@ def attention(
     if pad > 0 and weights is not None:
         weights = weights[..., pad:]  # the layer's own keys, as eager attention returns them
     return out, weights
+
+
+def _packed(handle: Handle, module, layer: int, query, key, value, attention_mask, *args: Any, **kwargs: Any) -> tuple:
+    """A packed prefill (branch.Packed): each user row holds its q prompt tokens, then its image-free twin's w
+    tokens. transformers' mask lets the twin see the prompt, so the masks are rebuilt here: the prompt keeps
+    its own block of the given mask, the twin is causal over its own tokens. A layer no method touches runs
+    the two parts as two fused calls; a layer with roles presents them to the methods as 2B rows of q tokens
+    (the twins left-padded, the layout of unpacked contrast rows), then packs the output again."""
+    q_len, width = handle.state.packed
+    total = q_len + width
+    if query.shape[2] != total or key.shape[2] != total:
+        raise TransformersCompatError(
+            f"layer {layer} of a packed prefill got {query.shape[2]} queries and {key.shape[2]} keys, attnkit "
+            f"expected {total} ({where()})"
+        )
+    bsz, dev = query.shape[0], query.device
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    full = bool_mask(attention_mask, total, total, dev, is_causal)
+    if full is not None and tuple(full.shape[-2:]) != (total, total):
+        raise TransformersCompatError(
+            f"layer {layer} of a packed prefill got a mask of shape {tuple(full.shape)} for {total} tokens ({where()})"
+        )
+    main_mask = None if full is None else full[..., :q_len, :q_len]
+    twin_keys = handle.state.attention_mask[bsz:, q_len - width :].to(dev)  # (B, w)
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()
+    twin_mask = causal[None, None] & twin_keys[:, None, None, :]
+    if handle.roles_for_layer(layer) is None and not handle.want_weights:
+        _check_call(handle, layer, q_len)
+        main, _ = sdpa_attention_forward(
+            module, query[:, :, :q_len], key[:, :, :q_len], value[:, :, :q_len], main_mask, *args, **kwargs
+        )
+        call = _call(handle, module, query[:, :, q_len:], key[:, :, q_len:], value[:, :, q_len:], twin_mask, **kwargs)
+        twin = fast.left_padded(call, width - twin_keys.sum(1))
+        return torch.cat([main, twin], dim=1), None
+    if main_mask is None:
+        main_mask = causal.new_ones(q_len, q_len).tril_()[None, None]
+    mask = torch.zeros(2 * bsz, 1, q_len, q_len, dtype=torch.bool, device=dev)
+    mask[:bsz] = main_mask
+    mask[bsz:, :, q_len - width :, q_len - width :] = twin_mask
+    rows = [_as_rows(x, q_len, width) for x in (query, key, value)]
+    out, weights = _attend(handle, module, layer, *rows, mask, *args, **kwargs)
+    return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1), weights
+
+
+def _as_rows(x: torch.Tensor, q_len: int, width: int) -> torch.Tensor:
+    """(B, h, q + w, D) packed -> (2B, h, q, D): the prompts, then the twins left-padded with zeros."""
+    bsz = x.shape[0]
+    out = x.new_zeros(2 * bsz, x.shape[1], q_len, x.shape[3])
+    out[:bsz] = x[:, :, :q_len]
+    out[bsz:, :, q_len - width :] = x[:, :, q_len:]
+    return out
 
 
 def _call(handle, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs) -> Call:
@@ -109,6 +168,8 @@ def _run(handle, roles: Roles, module, layer: int, query, key, value, attention_
     call = _call(handle, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     opts, view = handle.options, View(handle.state, layer)
     q_len, kv_len = query.shape[2], key.shape[2]
+    if roles.output_only and opts.fused_head_output and call.softcap is None and not call.want_weights:
+        return fast.head_output(call, roles, view, handle.state, opts).contiguous(), None
     if opts.single_row and q_len == 1 and not call.dropout:
         visible = bool_mask(attention_mask, 1, kv_len, query.device)
         if visible is None or (visible.dim() == 4 and visible.shape[1:3] == (1, 1) and visible.shape[3] == kv_len):

@@ -5,7 +5,9 @@ reference kernel's result (tests compare them with the switches of KernelOptions
 - ``sdpa``: fused attention for rows no method asks for, a left-padded prefill batch run unmasked per
   padding group on its real tokens;
 - ``column_form``: a layer whose only rewrite is one column rewrite, in one pass without ever holding
-  the rewritten probabilities (see ``column_form``).
+  the rewritten probabilities (see ``column_form``);
+- ``head_output``: a layer whose methods only rewrite per-head outputs (VHR): fused sdpa, whose output
+  before o_proj holds every head's slice, then the ``head_output`` roles (never eager attention).
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def single_row(call: Call, roles: Roles, view: View, visible) -> tuple:
     return out.contiguous(), weights
 
 
+def head_output(call: Call, roles: Roles, view: View, state: ForwardState, opts: KernelOptions) -> torch.Tensor:
+    """(B, q, H, D) for a layer whose only roles are ``head_output``: fused attention of every row (``sdpa``,
+    the padded-group form included), then each role on every row."""
+    out = sdpa(call, state, opts)
+    rows = torch.arange(call.query.shape[2], device=call.query.device)
+    v = view.at(rows)
+    for fn in roles.head_output:
+        out = fn(v, out)
+    return out
+
+
 def padded_starts(state: ForwardState, mask, q_len: int, kv_len: int) -> torch.Tensor | None:
     """(B,) each row's first real token when ``mask`` is a prefill's boolean mask made only of left padding
     and the causal rule (pad query rows see nothing; what transformers' sdpa mask gives a left-padded
@@ -83,7 +96,6 @@ def sdpa(call: Call, state: ForwardState, opts: KernelOptions) -> torch.Tensor:
     group on its real tokens with the causal kernel (pad query rows get zeros, as sdpa gives a row that
     sees no key), everything else as transformers' sdpa function with the call's own mask."""
     query, key, value = call.query, call.key, call.value
-    rest = {k: v for k, v in call.kwargs.items() if k not in ("is_causal", "dropout", "scaling")}
     starts = None
     if opts.padded_sdpa and not call.dropout and call.softcap is None:
         starts = padded_starts(state, call.attention_mask, query.shape[2], key.shape[2])
@@ -92,6 +104,14 @@ def sdpa(call: Call, state: ForwardState, opts: KernelOptions) -> torch.Tensor:
             call.module, query, key, value, call.attention_mask, dropout=call.dropout, scaling=call.scaling, **call.kwargs
         )
         return out
+    return left_padded(call, starts)
+
+
+def left_padded(call: Call, starts: torch.Tensor) -> torch.Tensor:
+    """(B, q, H, D) fused causal attention of a left-padded batch whose row b starts at ``starts[b]``, run
+    unmasked per group of rows with the same start on their real tokens (pad query rows get zeros)."""
+    query, key, value = call.query, call.key, call.value
+    rest = {k: v for k, v in call.kwargs.items() if k not in ("is_causal", "dropout", "scaling")}
     bsz, n_heads, q_len, head_dim = query.shape
     out = query.new_zeros(bsz, q_len, n_heads, head_dim)
     if starts.numel() == 1 and bsz > 1:  # one mask row shared by the batch

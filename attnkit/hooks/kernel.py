@@ -44,6 +44,9 @@ class KernelOptions:
     single_row: bool = True
     column_form: bool = True
     padded_sdpa: bool = True
+    fused_head_output: bool = True
+    #: prefill-only image-free contrast rows (VHR) run packed after the user's tokens (branch.Packed)
+    packed_contrast: bool = True
 
     def rows_per_block(self, device: torch.device, width: int, cap: int | None = None) -> int:
         """Rows per block for ``width`` = B * H * keys scores per row."""
@@ -70,6 +73,8 @@ class Roles:
         plain = [m for m in methods if m.probs is not None]
         only = len(column) == 1 and not plain and not self.scores and not self.observe and not self.head_output
         self.column = column[0] if only else None
+        #: the layer's methods only rewrite head outputs: fused sdpa, then ``head_output`` (fast.head_output)
+        self.output_only = bool(self.head_output) and not (self.scores or self.stats or self.rewrites or self.observe)
 
 
 @dataclass

@@ -107,6 +107,7 @@ class Handle:
         self._layer: tuple | None = None  # during select callbacks: (decoder layer, its index, its inputs)
         self._gathered: dict = {}  # drop mode: the layer inputs gathered in this forward
         self._branch = self._contrast_rows()
+        self._cache: Any = None  # the KV cache the forward in progress received (found by type)
         #: Whether the forward in progress returns attention weights (output_attentions by argument or config).
         self.want_weights = False
         #: Layers whose attention ran in the forward in progress (see dispatch._check_call).
@@ -300,6 +301,15 @@ class Handle:
         pos = ctx.positions_for_layer(0)
         return cache_len if pos is None else cache_len + ctx.prompt_len - pos.shape[1]
 
+    def _pack_limit(self) -> int | None:
+        """The longest packed prefill this model allows (see branch.Packed): 0 (never) with a token selection
+        (its hooks see the decoder layers' hidden states) or with KernelOptions.packed_contrast off; a
+        sliding-window model's window (its cache keeps only the window); else None (any length)."""
+        if not self.options.packed_contrast or any(m.select is not None for m in self.methods):
+            return 0
+        window = getattr(self.adapter.text_config, "sliding_window", None)
+        return int(window) if self.windowed and window else None
+
     def _on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.adapter.text_config._attn_implementation != dispatch.NAME:
             raise BypassedError(
@@ -318,14 +328,19 @@ class Handle:
         compat.check_past(seen, past_len)
         changed = None
         main_batch = seen.batch
-        if self._branch is not None:
+        branch = self._branch if self._branch is not None and (past_len == 0 or self._branch.decodes) else None
+        self._cache = seen.cache
+        if branch is not None:
             if args and "input_ids" not in kwargs:
                 kwargs = dict(kwargs, input_ids=args[0])
                 args = args[1:]
-            kwargs = self._branch.expand(kwargs, past_len, seen.cache)
+            kwargs = branch.expand(kwargs, past_len, seen.cache, self._pack_limit())
             changed = (args, kwargs)
-            input_ids = kwargs.get("input_ids")
-            attn = kwargs["attention_mask"]
+            if branch.packed is not None:  # the methods see the padded-rows layout (see branch.Packed)
+                input_ids, attn = branch.packed.ids, branch.packed.mask
+            else:
+                input_ids = kwargs.get("input_ids")
+                attn = kwargs["attention_mask"]
             ctx.batch_size = attn.shape[0]
         else:
             ctx.batch_size = main_batch
@@ -344,13 +359,14 @@ class Handle:
                 image_mask = self.adapter.image_mask_from_layout(ctx.attention_mask, ctx.batch_size, q_len)
             if image_mask is not None and ctx.attention_mask is not None:
                 image_mask = image_mask & ctx.attention_mask[:, -q_len:]
-            if image_mask is not None and self._branch is not None and self._branch.image_free:
+            if image_mask is not None and branch is not None and branch.image_free:
                 image_mask[main_batch:] = False  # the contrast rows have no image
             ctx.image_mask = image_mask
         else:
             ctx.is_prefill = False
             ctx.step += 1
-        ctx.contrast_rows = main_batch if self._branch is not None else 0
+        ctx.contrast_rows = main_batch if branch is not None else 0
+        ctx.packed = (branch.packed.q_len, branch.packed.width) if branch is not None and branch.packed else None
         if ctx.is_prefill:
             ctx.prompt_len = q_len
             ctx.drops = []
@@ -599,15 +615,26 @@ class Handle:
         return attn.gather(1, cols)[:, None, None, :].to(like.device)
 
     def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        """The logits roles, then the user's rows only (the contrast rows never leave)."""
-        if self._branch is not None:
-            self._branch.done()
+        """The logits roles, then the user's rows only (the contrast rows never leave); after the prefill of a
+        ``Contrast(decode=False)``, the contrast rows dropped from the KV cache."""
+        state = self.state
+        cache, self._cache = self._cache, None
+        contrast = None
+        branch = self._branch
+        if branch is not None:
+            branch.done()
+            main = state.batch_size - state.contrast_rows
+            out_cache = getattr(output, "past_key_values", None)
+            out_cache = out_cache if out_cache is not None else cache
+            if branch.packed is not None:
+                contrast = branch.unpack_output(output, main)
+                branch.crop_packed(out_cache)
+            elif state.contrast_rows and state.is_prefill and not branch.decodes:
+                branch.drop_rows(out_cache, main)
         logits = getattr(output, "logits", None)
         if logits is None:
             return output
-        state = self.state
-        contrast = None
-        if state.contrast_rows and logits.shape[0] == state.batch_size:
+        if state.contrast_rows and contrast is None and logits.shape[0] == state.batch_size:
             main = state.batch_size - state.contrast_rows
             logits, contrast = logits[:main], logits[main:]
             for key in ("attentions", "hidden_states"):

@@ -12,6 +12,7 @@ from .pdrop import PyramidDrop, PyramidDropConfig
 from .sparsevlm import SparseVLM, SparseVLMConfig
 from .var import VAR, VARConfig
 from .visionzip import VisionZip, VisionZipConfig
+from .vhr import VHR, VHRConfig
 from .registry import get_method_class, list_methods, make_method, register
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "SparseVLMConfig",
     "VAR",
     "VARConfig",
+    "VHR",
+    "VHRConfig",
     "VisionZip",
     "VisionZipConfig",
     "check_int",

@@ -77,6 +77,11 @@ class Contrast:
     one (q' > q) raises InputError naming both lengths: left-pad the user's batch to at least q' tokens
     (e.g. ``padding="max_length", max_length=q'``), which leaves the user's rows unchanged.
 
+    ``decode=False``: the rows run at prefill only. After the prefill forward the manager drops them from the
+    KV cache (and from any per-batch state the family keeps, e.g. Qwen-VL's rope deltas), so decode steps
+    run on the user's rows alone and cost nothing extra; the ``logits`` role then gets ``contrast=None``
+    at decode steps. For methods that use the variant to decide something once (VHR's head selection).
+
     Families: ``pixels`` and ``prompt`` need the images to pass through the model's forward or its
     ``get_image_features`` (not InstructBLIP, which raises on wrap()); ``prompt`` needs 1-D positions (not
     the mRoPE families Qwen2/2.5/3-VL).
@@ -85,8 +90,11 @@ class Contrast:
     kind: str = "no_image"
     pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompt: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    decode: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.decode, bool):
+            raise MethodArgumentError(f"Contrast(decode=...) must be True or False, got {self.decode!r}")
         if self.kind not in CONTRAST_KINDS:
             raise MethodArgumentError(
                 f"contrast kind {self.kind!r} is not supported (supported: {', '.join(CONTRAST_KINDS)})"
@@ -135,7 +143,9 @@ class Method:
        ``new`` (B, H, r, n). The kernel derives the full-row rewrite from it, and a fast form that never
        materialises the rows' probabilities for long prefills (both tested equal).
     4. ``observe(view, probs) -> None``: read-only look at the final probabilities (clone what you keep).
-    5. ``head_output(view, out) -> out``: per-head attention output (B, r, H, D) before o_proj.
+    5. ``head_output(view, out) -> out``: per-head attention output (B, r, H, D) before o_proj (may be
+       rewritten in place). A layer whose methods define only this role keeps fused sdpa: the roles get
+       its output, every row of the forward, never eager attention.
 
     Token selection: ``select(view, hidden) -> keep | None``, at prefill before decoder layer
     ``view.layer`` with its input hidden states (B, q, d); ``view.attention(hidden, rows)`` gives that
@@ -148,7 +158,11 @@ class Method:
 
     Decoding: ``logits(view, logits) -> logits`` rewrites the output logits (B, q, V) of the user's rows;
     a method with a ``contrast`` gets ``logits(view, logits, contrast_logits)``, the variant's logits
-    (B, q, V) for the same rows.
+    (B, q, V) for the same rows (None in the decode steps of a ``Contrast(decode=False)``).
+
+    Contrast rows in the attention roles: while a forward carries them, the tensors hold ``view.batch_size``
+    rows, the user's ``view.main_batch`` first and the contrast rows after them (row ``b`` and row
+    ``main_batch + b`` are the two versions of one prompt, both left-padded to ``view.q_len``).
     """
 
     name: ClassVar[str] = ""

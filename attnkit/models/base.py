@@ -159,6 +159,9 @@ class Adapter:
     #: ``anyres_images`` / ``anyres_packing`` / ``pack_crops``), which methods acting inside the vision
     #: encoder need.
     describes_vision_features: ClassVar[bool] = False
+    #: VHR's default reinforced depth, as a share of the language model's layers: the official 14 of
+    #: LLaVA-1.5/NeXT-7B's 32 layers (InstructBLIP: 18 of 32); see ``vhr_last_layers``.
+    vhr_layer_share: ClassVar[float] = 14 / 32
 
     @property
     def first_droppable_layer(self) -> int:
@@ -201,6 +204,11 @@ class Adapter:
     def head_dim(self) -> int:
         hd = getattr(self.text_config, "head_dim", None)
         return hd or self.text_config.hidden_size // self.num_heads
+
+    @property
+    def vhr_last_layers(self) -> int:
+        """VHR's default ``last_layers`` for this model: ``vhr_layer_share`` of its depth, rounded (at least 1)."""
+        return max(1, min(self.num_layers, round(self.vhr_layer_share * self.num_layers)))
 
     def rotary_module(self) -> torch.nn.Module | None:
         """The language model's rotary-embedding module (what turns position ids into (cos, sin)), or None."""
@@ -316,6 +324,10 @@ class Adapter:
             if k in out:
                 out[k] = torch.zeros_like(out[k])
         return out
+
+    def keep_batch_rows(self, n: int) -> None:
+        """Keep the first ``n`` rows of any per-batch state the model stores across forwards (after attnkit
+        drops prefill-only contrast rows from the KV cache). Default: the family keeps none."""
 
     # -- repeated images (contrast rows that repeat the batch) ----------------------------------
     def repeat_image_inputs(

@@ -274,6 +274,14 @@ class Qwen2VLAdapter(Adapter):
     vision_paths = ("model.visual", "visual")
     positions_1d = False  # mRoPE: image tokens take (t, h, w) positions
 
+    def keep_batch_rows(self, n: int) -> None:
+        """The model keeps each row's mRoPE offset (``base_model.rope_deltas``, (B, 1)) for its decode steps; a
+        forward without position ids computes it for the batch it got, contrast rows included."""
+        owner = getattr(self.model, "base_model", None)
+        deltas = getattr(owner, "rope_deltas", None)
+        if isinstance(deltas, torch.Tensor) and deltas.dim() >= 1 and deltas.shape[0] > n:
+            owner.rope_deltas = deltas[:n]
+
     def image_grids(self, inputs: dict[str, Any]) -> list[list[Grid]]:
         merge = self.config.vision_config.spatial_merge_size
         thw = inputs["image_grid_thw"].tolist()
@@ -318,6 +326,7 @@ class InstructBlipAdapter(Adapter):
     model_types = ("instructblip",)
     has_image_grid = False
     vision_paths = ("vision_model", "model.vision_model")
+    vhr_layer_share = 18 / 32  # VHR's official setting for InstructBLIP (Vicuna-7B, 32 layers)
 
     def image_grids(self, inputs: dict[str, Any]) -> None:
         return None
