@@ -176,3 +176,93 @@ def test_errors():
         with attnkit.wrap(model, Toy(Contrast("pixels", pixels=noise))):
             wrapped = model(**inputs, output_hidden_states=True)
     assert [h.shape for h in wrapped.hidden_states] == [h.shape for h in out.hidden_states], "hidden states leaked"
+
+
+# -- prefill-only contrast rows (Contrast(decode=False)): packed or padded, dropped after the prefill ------
+class Once(Method):
+    """Records the contrast logits of each forward (None at decode steps) and the batch of every attention call."""
+
+    name = "toy_contrast_once"
+    contrast = Contrast("no_image", decode=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor | None] = []
+
+    def logits(self, view, logits, contrast=None):
+        self.seen.append(None if contrast is None else contrast.clone())
+        return logits
+
+
+def _image_free(model, inputs):
+    """The image-free prompts run alone (the adapter's text-only inputs, left-padded by it)."""
+    adapter = get_adapter(model)
+    return adapter.text_only_inputs({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prefill_only_rows(family, packed):
+    """generate() with a Contrast(decode=False): the user's tokens and logits are the unwrapped model's; the
+    prefill's contrast logits (last position) are the image-free prompt's own; decode steps get None and run
+    on the user's rows only (the cache and Qwen's rope deltas cut to them)."""
+    from attnkit.hooks.kernel import KernelOptions
+
+    model, inputs = _tiny(family)
+    toy = Once()
+    batches = []
+    attn = get_adapter(model).attention_modules()[0]
+    spy = attn.register_forward_pre_hook(lambda m, a, k: batches.append(k["hidden_states"].shape), with_kwargs=True)
+    try:
+        with attnkit.wrap(model, toy, options=KernelOptions(packed_contrast=packed)):
+            gen = _generate(model, inputs)
+    finally:
+        spy.remove()
+    ref = _generate(model, inputs)
+    assert torch.equal(gen.sequences, ref.sequences)
+    for a, b in zip(gen.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    bsz, q = inputs["input_ids"].shape
+    free = _image_free(model, inputs)
+    width = free["input_ids"].shape[1]
+    prefill_shape = (bsz, q + width) if packed else (2 * bsz, q)
+    assert tuple(batches[0][:2]) == prefill_shape
+    assert all(tuple(s[:2]) == (bsz, 1) for s in batches[1:]), "decode steps carry only the user's rows"
+    assert toy.seen[0] is not None and all(s is None for s in toy.seen[1:])
+    with torch.no_grad():
+        alone = model(**free).logits[:, -1]
+    torch.testing.assert_close(toy.seen[0][:, -1], alone, atol=1e-4, rtol=0)
+
+
+def test_prefill_only_rows_direct_calls():
+    """A direct prefill call (no position ids: the padded layout) leaves a cache of the user's rows, so a decode
+    step by hand continues the user's sequence as the unwrapped model does; Qwen's stored rope deltas are cut
+    to the user's rows too."""
+    import inspect
+
+    model, inputs = _tiny("llava")
+    # the cache keyword: "cache" from transformers 5.2x, "past_key_values" before
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=True)
+        nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
+        step = dict(input_ids=nxt, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1))
+        ref2 = model(**step, **{kw: ref.past_key_values}, use_cache=True).logits
+        with attnkit.wrap(model, Once()):
+            out = model(**inputs, use_cache=True)
+            cache = out.past_key_values
+            assert cache.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
+            got2 = model(**step, **{kw: cache}, use_cache=True).logits
+    torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=0)
+    torch.testing.assert_close(got2, ref2, atol=2e-5, rtol=0)
+
+    model, inputs = _tiny("qwen2_vl")
+    with attnkit.wrap(model, Once()), torch.no_grad():
+        model(**inputs, use_cache=True)
+        assert model.base_model.rope_deltas.shape[0] == inputs["input_ids"].shape[0]
+
+
+def test_prefill_only_flag():
+    with pytest.raises(errors.MethodArgumentError, match="decode"):
+        Contrast("no_image", decode="no")
+    assert Contrast("no_image", decode=False) != Contrast("no_image")
