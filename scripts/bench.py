@@ -109,7 +109,7 @@ def plant_sinks(model, inputs) -> None:
     SINK_EVERY-th image token of the prompt (first batch row), at prefill only."""
     ids = inputs["input_ids"][0]
     where = (ids == IMAGE_TOKEN).nonzero().flatten()[::SINK_EVERY]
-    where = torch.cat([torch.tensor([0]), where])
+    where = torch.cat([torch.tensor([0], device=where.device), where])
     prompt_len = ids.shape[0]
 
     def hook(module, args, kwargs):
@@ -126,9 +126,9 @@ def plant_sinks(model, inputs) -> None:
         layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _text_config(hidden: int, layers: int, heads: int) -> LlamaConfig:
+def _text_config(hidden: int, layers: int, heads: int, intermediate: int = 0) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=8192,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
@@ -140,25 +140,28 @@ def _vision_config() -> CLIPVisionConfig:
                             image_size=336, patch_size=14)
 
 
-def build(preset: str, hidden: int, layers: int, heads: int, text_tokens: int):
+def build(preset: str, hidden: int, layers: int, heads: int, text_tokens: int, intermediate: int = 0,
+          device: str = "cpu", dtype: str = "float32"):
     """(model, inputs) for a preset; weights random (timing does not depend on them)."""
     torch.manual_seed(0)
     if preset == "llava15-mini":
-        cfg = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(hidden, layers, heads),
+        cfg = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(hidden, layers, heads, intermediate),
                           image_token_index=IMAGE_TOKEN, image_seq_length=576, vision_feature_select_strategy="default")
-        model = LlavaForConditionalGeneration(cfg)
+        with torch.device(device):  # built on the device (a 7B-wide model initialises in seconds on a GPU)
+            model = LlavaForConditionalGeneration(cfg)
         n_image = 576
         extra = {"pixel_values": torch.randn(1, 3, 336, 336)}
     elif preset == "llavanext-mini":
-        cfg = LlavaNextConfig(vision_config=_vision_config(), text_config=_text_config(hidden, layers, heads),
+        cfg = LlavaNextConfig(vision_config=_vision_config(), text_config=_text_config(hidden, layers, heads, intermediate),
                               image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[672, 672]],
                               vision_feature_select_strategy="default")
-        model = LlavaNextForConditionalGeneration(cfg)
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(cfg)
         n_image = 576 + 48 * 49
         extra = {"pixel_values": torch.randn(1, 5, 3, 336, 336), "image_sizes": torch.tensor([[672, 672]])}
     else:
         raise SystemExit(f"unknown preset {preset!r} (valid: llava15-mini, llavanext-mini)")
-    model = model.eval()
+    model = model.to(getattr(torch, dtype)).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     g = torch.Generator().manual_seed(1)
@@ -166,12 +169,18 @@ def build(preset: str, hidden: int, layers: int, heads: int, text_tokens: int):
     ids = torch.cat([torch.tensor([1]), text[: text_tokens // 4], torch.full((n_image,), IMAGE_TOKEN),
                      text[text_tokens // 4 :]])[None]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+    inputs = {k: v.to(device, getattr(torch, dtype) if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     return model, inputs, n_image
 
 
 def _timed(fn: Callable[[], object]) -> float:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -184,7 +193,8 @@ class Runner:
     """Runs one configuration's prefill or generate on the preset model."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.model, self.inputs, self.n_image = build(args.preset, args.hidden, args.layers, args.heads, args.text_tokens)
+        self.model, self.inputs, self.n_image = build(args.preset, args.hidden, args.layers, args.heads, args.text_tokens,
+                                                      args.intermediate, args.device, args.dtype)
         plant_sinks(self.model, self.inputs)
         self.gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
@@ -197,8 +207,9 @@ class Runner:
         try:
             extra = {"output_attentions": True} if kind == "eager" else {}
             with torch.no_grad():
-                if what == "prefill":
-                    return _timed(lambda: model(**inputs, **extra, logits_to_keep=1))
+                if what == "prefill":  # with the position ids generate() passes (VHR packs its image-free rows then)
+                    pos = torch.arange(inputs["input_ids"].shape[1], device=inputs["input_ids"].device)[None]
+                    return _timed(lambda: model(**inputs, **extra, position_ids=pos, logits_to_keep=1))
                 if kind == "eager":
                     extra["return_dict_in_generate"] = True
                 return _timed(lambda: model.generate(**inputs, **self.gen_kw, **extra))
@@ -222,6 +233,21 @@ def memory_child(args: argparse.Namespace) -> int:
     peak = _rss_kb("VmHWM")
     print(json.dumps({"peak_kb": peak, "added_kb": peak - before}))
     return 0
+
+
+def measure_device_memory(run: Runner, kinds: list[str]) -> dict[str, dict[str, float]]:
+    """On an accelerator: torch's peak allocation (MB) during one generate per configuration, in this process
+    ("added": the peak minus what was allocated before it)."""
+    out = {}
+    for kind in kinds:
+        run(kind, "generate")  # warm
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run(kind, "generate")
+        peak = torch.cuda.max_memory_allocated()
+        out[kind] = {"peak": peak / 2**20, "added": (peak - before) / 2**20}
+    return out
 
 
 def measure_memory(args: argparse.Namespace, kinds: list[str], argv: list[str]) -> dict[str, dict[str, float]]:
@@ -253,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=0, help="LM FFN width (0 = 2 x hidden; 11008 for LLaMA-7B)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda, --memory reads torch's peak allocation)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--skip-generate", action="store_true")
@@ -292,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
                     # allocator settle so the next configuration is not charged for it
                     run("sdpa", what)
     memory = None
-    if args.memory:
+    if args.memory and args.device != "cpu":
+        memory = measure_device_memory(run, kinds)
+    elif args.memory:
         child_argv = [a for a in argv if a != "--memory"]
         memory = measure_memory(args, kinds, child_argv)
 
     seq = run.inputs["input_ids"].shape[1]
-    print(f"\n### {args.preset}: {args.layers} LM layers, hidden {args.hidden}, {run.n_image} image tokens, "
-          f"prompt {seq} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    where = (torch.cuda.get_device_name() if args.device != "cpu" else f"CPU, {torch.get_num_threads()} threads")
+    print(f"\n### {args.preset}: {args.layers} LM layers, hidden {args.hidden}, FFN {args.intermediate or 2 * args.hidden}, "
+          f"{run.n_image} image tokens, prompt {seq} tokens, {args.dtype}, torch {torch.__version__}, {where}, "
           f"median of {args.repeats}\n")
     header, sep = "| configuration |", "|---|"
     for what in whats:

@@ -238,19 +238,18 @@ def test_prefill_only_rows_direct_calls():
     """A direct prefill call (no position ids: the padded layout) leaves a cache of the user's rows, so a decode
     step by hand continues the user's sequence as the unwrapped model does; Qwen's stored rope deltas are cut
     to the user's rows too."""
-    import inspect
+    from attnkit.hooks import compat
 
     model, inputs = _tiny("llava")
-    # the cache keyword: "cache" from transformers 5.2x, "past_key_values" before
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = compat.cache_keyword(model)  # "cache" from transformers 5.24, "past_key_values" before
     with torch.no_grad():
         ref = model(**inputs, use_cache=True)
         nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
         step = dict(input_ids=nxt, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1))
-        ref2 = model(**step, **{kw: ref.past_key_values}, use_cache=True).logits
+        ref2 = model(**step, **{kw: compat.output_cache(ref)}, use_cache=True).logits
         with attnkit.wrap(model, Once()):
             out = model(**inputs, use_cache=True)
-            cache = out.past_key_values
+            cache = compat.output_cache(out)
             assert cache.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
             got2 = model(**step, **{kw: cache}, use_cache=True).logits
     torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=0)

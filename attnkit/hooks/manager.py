@@ -624,7 +624,7 @@ class Handle:
         if branch is not None:
             branch.done()
             main = state.batch_size - state.contrast_rows
-            out_cache = getattr(output, "past_key_values", None)
+            out_cache = compat.output_cache(output)  # found by type ("past_key_values" up to 5.23, "cache" after)
             out_cache = out_cache if out_cache is not None else cache
             if branch.packed is not None:
                 contrast = branch.unpack_output(output, main)
