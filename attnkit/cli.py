@@ -415,8 +415,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     filt = "on" if report.outlier_filter else "off"
     print(f"{args.model}: VHD of {report.num_layers} layers x {report.num_heads} heads "
           f"(alpha {report.alpha:g}, outlier filter {filt})")
-    print(f"{action} heads per layer, layers {report.first_layer}-{report.num_layers - 1} "
-          f"({sum(map(len, heads.values()))} in all):")
+    last = report.num_layers - 1
+    span = f"layers {report.first_layer}-{last}" if report.first_layer < last else f"layer {last}"
+    print(f"{action} heads per layer, {span} ({sum(map(len, heads.values()))} in all):")
     for layer in range(report.first_layer, report.num_layers):
         chosen = heads.get(layer, [])
         print(f"  layer {layer}: {len(chosen)} {chosen}")
