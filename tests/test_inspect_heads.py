@@ -101,11 +101,9 @@ def _by_hand(model, family: str, inputs: dict) -> tuple[torch.Tensor, torch.Tens
     free = adapter.text_only_inputs(inputs)
     keep = free["attention_mask"][0].bool()
     free = {k: v[:, keep] for k, v in free.items()}  # a batch of one: drop the padding left by the image
-    if family == "instructblip":  # no image-free forward of the whole model: its language model's
-        run = lambda: model.language_model(input_ids=free["input_ids"], attention_mask=free["attention_mask"])  # noqa: E731
-    else:
-        run = lambda: model(**free)  # noqa: E731
-    no_image = _o_proj_inputs(model, run)
+    # InstructBLIP has no image-free forward of the whole model: its language model's
+    lm = model.language_model if family == "instructblip" else model
+    no_image = _o_proj_inputs(model, lambda: lm(input_ids=free["input_ids"], attention_mask=free["attention_mask"]))
     heads = adapter.num_heads
     image, no_image = image.view(LAYERS, heads, -1), no_image.view(LAYERS, heads, -1)
     raw = (image - no_image).norm(dim=-1)
@@ -141,6 +139,15 @@ def test_alpha_reinforces_the_layers_after_the_first_selecting_one():
     assert torch.equal(reinforced.heads[0, first], own.heads[0, first])  # measured before any reinforcement
     assert not reinforced.heads[0, :first].any() and reinforced.heads[0, first:].any(dim=-1).all()
     assert head_report(model, inputs, last_layers=3).first_layer == LAYERS - 3
+
+
+def test_processor_output_is_accepted():
+    """A processor's BatchFeature (a UserDict, not a dict) as it comes."""
+    from transformers import BatchFeature
+
+    model, _ = _model("llava")
+    inputs = _row("llava", 0)
+    torch.testing.assert_close(head_divergence(model, BatchFeature(inputs)), head_divergence(model, inputs))
 
 
 def test_input_errors_are_one_line():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 import math
 import os
 import tempfile
@@ -68,12 +69,12 @@ class HeadReport:
     def selected(self, index: int = 0) -> dict[int, list[int]]:
         """``{layer: [heads]}`` of the heads selected for prompt ``index`` (layers without any left out)."""
         rows = self.heads[index]
-        return {layer: rows[layer].nonzero().flatten().tolist() for layer in range(rows.shape[0]) if bool(rows[layer].any())}
+        return {layer: row.nonzero().flatten().tolist() for layer, row in enumerate(rows) if bool(row.any())}
 
 
 def head_report(
     model: torch.nn.Module,
-    inputs: dict[str, Any],
+    inputs: Mapping[str, Any],
     *,
     alpha: float = 1.0,
     last_layers: int | None = None,
@@ -86,7 +87,7 @@ def head_report(
     from attnkit.methods import VHR
 
     method = VHR(alpha=alpha, last_layers=last_layers, outlier_filter=outlier_filter)
-    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None  # a dict or a processor's BatchFeature
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise InputError("head divergence: the inputs need input_ids of shape (batch, tokens)")
     adapter = attnkit.get_adapter(model)
@@ -100,7 +101,7 @@ def head_report(
         model(**batch)
         state = method.state()
         if "vhd" not in state:
-            raise InputError("head divergence: the forward did not reach VHR (was the model called through its forward?)")
+            raise InputError("head divergence: the forward did not reach VHR (is the model's forward its own?)")
         out = {k: state[k].detach().cpu() for k in ("vhd", "vhd_raw", "norm", "heads")}
     layers = out["vhd"].shape[1]
     return HeadReport(
@@ -117,7 +118,7 @@ def head_report(
 
 def head_divergence(
     model: torch.nn.Module,
-    inputs: dict[str, Any],
+    inputs: Mapping[str, Any],
     *,
     alpha: float = 1.0,
     last_layers: int | None = None,
