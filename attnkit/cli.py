@@ -1,4 +1,5 @@
-"""Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task) and ``chair`` (score captions)."""
+"""Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task), ``chair`` (score captions) and
+``heads`` (VHR's head divergence of one image and prompt)."""
 
 from __future__ import annotations
 
@@ -355,6 +356,76 @@ def _demo_family(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_image(path: str) -> Any:
+    """The image at ``path`` as RGB PIL; DataError naming the file when it is missing or unreadable."""
+    from PIL import Image
+
+    from .errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"image {path} is a directory") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _output_dir(path: str) -> Any:
+    """``--out`` checked before any work: a directory, or a name whose parent directory exists."""
+    from pathlib import Path
+
+    from .errors import OutputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output dir {out} exists and is not a directory")
+    if not out.exists() and not out.parent.is_dir():
+        raise OutputError(f"output dir {out}: its parent directory {out.parent} does not exist")
+    return out
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    """VHR's vision-aware head divergence of one (image, prompt): heads.json and heads.png in --out."""
+    import attnkit
+
+    from .errors import OutputError
+    from .eval.inputs import make_batch
+    from .inspect.heads import head_report, render_heatmap, save_heads_json
+    from .loading import load_model
+
+    out = _output_dir(args.out)
+    image = _read_image(args.image)
+    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
+    batch = make_batch(processor, attnkit.get_adapter(model), [args.prompt], [image])
+    report = head_report(model, batch, alpha=args.alpha, last_layers=args.last_layers,
+                         outlier_filter=not args.no_outlier_filter)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output dir {out}: {e.strerror or e}") from None
+    json_path = save_heads_json(report, out / "heads.json", model=args.model, image=args.image, prompt=args.prompt)
+    png_path = out / "heads.png"
+    render_heatmap(report.vhd[0], report.heads[0], png_path)
+    heads = report.selected(0)
+    action = "reinforced" if report.alpha != 1.0 else "selected (not reinforced: --alpha 1)"
+    filt = "on" if report.outlier_filter else "off"
+    print(f"{args.model}: VHD of {report.num_layers} layers x {report.num_heads} heads "
+          f"(alpha {report.alpha:g}, outlier filter {filt})")
+    last = report.num_layers - 1
+    span = f"layers {report.first_layer}-{last}" if report.first_layer < last else f"layer {last}"
+    print(f"{action} heads per layer, {span} ({sum(map(len, heads.values()))} in all):")
+    for layer in range(report.first_layer, report.num_layers):
+        chosen = heads.get(layer, [])
+        print(f"  layer {layer}: {len(chosen)} {chosen}")
+    print(f"wrote {json_path}")
+    print(f"wrote {png_path}")
+    return 0
+
+
 def _demo_methods() -> tuple[str, ...]:
     from .testbed.demo import DEFAULT_METHODS
 
@@ -454,6 +525,29 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=12)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    h = sub.add_parser(
+        "heads", help="VHR's vision-aware head divergence of one image and prompt: heads.json and heads.png",
+        description="One prefill of the model wrapped with VHR on the image and prompt. Writes DIR/heads.json "
+                    "(vhd, vhd_raw, norm: layers x heads; heads: {layer: [heads]} VHR selects, readable "
+                    "back by vhr's heads option; the settings) and DIR/heads.png (a heat map, layers x heads, "
+                    "the selected heads outlined).")
+    h.add_argument("--model", required=True, help="hub id, local path, testbed or tiny:FAMILY")
+    h.add_argument("--image", required=True, help="image file")
+    h.add_argument("--prompt", required=True, help="the question or instruction (the model's chat template wraps it)")
+    h.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its parent must exist)")
+    h.add_argument("--alpha", type=float, default=2.0,
+                   help="VHR's reinforcement (default 2.0, VHR's): the outlined heads are exactly those VHR "
+                        "reinforces, and layers after the first reinforced one are measured with it; with "
+                        "--alpha 1 the scores are the model's own VHD (nothing reinforced)")
+    h.add_argument("--last-layers", type=int, default=None, metavar="N",
+                   help="VHR selects heads in the last N layers (default: the family's, 14 of 32 for LLaVA)")
+    h.add_argument("--no-outlier-filter", action="store_true",
+                   help="keep the VHD of heads whose VHD and image-free norm both exceed mean + std of their layer")
+    h.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    h.add_argument("--device-map", default=None)
+    h.add_argument("--trust-remote-code", action="store_true")
+    h.set_defaults(func=cmd_heads)
     return p
 
 
