@@ -73,6 +73,7 @@ class ForwardState:
     #: a packed prefill (branch.Packed): (q_len, twin width): each attention call holds q_len + width tokens
     #: per user row, which the dispatcher presents to the methods as 2B rows of q_len (None: not packed)
     packed: tuple[int, int] | None = None
+    packed_masks: tuple | None = None  # per-forward cache of dispatch._packed_masks
     #: mask-mode pruning: (from_layer, keep (B, prompt_len) bool over original positions)
     keep: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     #: drop-mode pruning: (from_layer, positions (B, n) long: original prompt positions present from that
@@ -97,6 +98,7 @@ class ForwardState:
         """Start of a forward (after the manager set its fields): drop the per-forward caches."""
         self.seqs = {-1: LayerSeq(self.q_len, self.past_len, self.image_mask, self.attention_mask)}
         self.padded = None
+        self.packed_masks = None
 
     def stage(self, layer: int) -> int:
         """Index into ``drops`` of the drop in effect at ``layer`` (-1: none)."""

@@ -102,6 +102,49 @@ def _packed(handle: Handle, module, layer: int, query, key, value, attention_mas
             f"expected {total} ({where()})"
         )
     bsz, dev = query.shape[0], query.device
+    main_mask, main_starts, twin_mask, twin_starts = _packed_masks(handle, module, layer, attention_mask, dev, kwargs)
+    roles = handle.roles_for_layer(layer)
+    fused = roles is None or (
+        roles.output_only and handle.options.fused_head_output and kwargs.get("softcap") is None
+    )
+    if fused and not handle.want_weights:
+        _check_call(handle, layer, q_len)
+        parts = (query[:, :, :q_len], key[:, :, :q_len], value[:, :, :q_len])
+        if main_starts is not None:  # left padding and the causal rule only: fused causal per padding group
+            main = fast.left_padded(_call(handle, module, *parts, main_mask, **kwargs), main_starts)
+        else:
+            main, _ = sdpa_attention_forward(module, *parts, main_mask, *args, **kwargs)
+        call = _call(handle, module, query[:, :, q_len:], key[:, :, q_len:], value[:, :, q_len:], twin_mask, **kwargs)
+        twin = fast.left_padded(call, twin_starts)
+        if roles is None:
+            return torch.cat([main, twin], dim=1), None
+        # per-head output roles (fast.head_output): the output in rows, as the methods see contrast rows
+        out = main.new_zeros(2 * bsz, q_len, *main.shape[2:])
+        out[:bsz] = main
+        out[bsz:, q_len - width :] = twin
+        view = View(handle.state, layer).at(torch.arange(q_len, device=dev))
+        for fn in roles.head_output:
+            out = fn(view, out)
+        return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1).contiguous(), None
+    if main_mask is None:
+        main_mask = torch.ones(q_len, q_len, dtype=torch.bool, device=dev).tril_()[None, None]
+    mask = torch.zeros(2 * bsz, 1, q_len, q_len, dtype=torch.bool, device=dev)
+    mask[:bsz] = main_mask
+    mask[bsz:, :, q_len - width :, q_len - width :] = twin_mask
+    rows = [_as_rows(x, q_len, width) for x in (query, key, value)]
+    out, weights = _attend(handle, module, layer, *rows, mask, *args, **kwargs)
+    return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1), weights
+
+
+def _packed_masks(handle: Handle, module, layer: int, attention_mask, dev, kwargs: dict) -> tuple:
+    """(main mask or None (causal), main padding starts or None, twin mask (B, 1, w, w), twin starts) of a packed
+    prefill, built once per forward (the layers share transformers' mask tensor)."""
+    state = handle.state
+    hit = state.packed_masks
+    if hit is not None and hit[0] is attention_mask:
+        return hit[1:]
+    q_len, width = state.packed
+    total = q_len + width
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     full = bool_mask(attention_mask, total, total, dev, is_causal)
@@ -109,26 +152,16 @@ def _packed(handle: Handle, module, layer: int, query, key, value, attention_mas
         raise TransformersCompatError(
             f"layer {layer} of a packed prefill got a mask of shape {tuple(full.shape)} for {total} tokens ({where()})"
         )
-    main_mask = None if full is None else full[..., :q_len, :q_len]
-    twin_keys = handle.state.attention_mask[bsz:, q_len - width :].to(dev)  # (B, w)
-    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()
-    twin_mask = causal[None, None] & twin_keys[:, None, None, :]
-    if handle.roles_for_layer(layer) is None and not handle.want_weights:
-        _check_call(handle, layer, q_len)
-        main, _ = sdpa_attention_forward(
-            module, query[:, :, :q_len], key[:, :, :q_len], value[:, :, :q_len], main_mask, *args, **kwargs
-        )
-        call = _call(handle, module, query[:, :, q_len:], key[:, :, q_len:], value[:, :, q_len:], twin_mask, **kwargs)
-        twin = fast.left_padded(call, width - twin_keys.sum(1))
-        return torch.cat([main, twin], dim=1), None
-    if main_mask is None:
-        main_mask = causal.new_ones(q_len, q_len).tril_()[None, None]
-    mask = torch.zeros(2 * bsz, 1, q_len, q_len, dtype=torch.bool, device=dev)
-    mask[:bsz] = main_mask
-    mask[bsz:, :, q_len - width :, q_len - width :] = twin_mask
-    rows = [_as_rows(x, q_len, width) for x in (query, key, value)]
-    out, weights = _attend(handle, module, layer, *rows, mask, *args, **kwargs)
-    return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1), weights
+    main = None if full is None else full[..., :q_len, :q_len].contiguous()
+    starts = None
+    if main is not None and handle.options.padded_sdpa:
+        starts = fast.padded_starts(state, main, q_len, q_len)
+    bsz = state.batch_size - state.contrast_rows
+    twin_keys = state.attention_mask[bsz:, q_len - width :].to(dev)  # (B, w)
+    twin = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()[None, None] & twin_keys[:, None, None, :]
+    out = (main, starts, twin, width - twin_keys.sum(1))
+    state.packed_masks = (attention_mask, *out)  # holds the mask, so the identity check stays valid
+    return out
 
 
 def _as_rows(x: torch.Tensor, q_len: int, width: int) -> torch.Tensor:
