@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         header += f" (d) / this, {whats[-1]} |"
         sep += "---:|"
     if memory:
-        header += " peak RSS (MB) | added by generate (MB) | added vs (a) |"
+        peak_name = "peak RSS (MB)" if args.device == "cpu" else "peak allocated (MB)"
+        header += f" {peak_name} | added by generate (MB) | added vs (a) |"
         sep += "---:|---:|---:|"
     print(header)
     print(sep)
@@ -363,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         print(row)
     print("\nratios: median over repetitions of the time divided by (a)'s time in the same repetition")
     if memory:
-        print(f"memory: median of {args.memory_repeats} fresh processes per configuration; peak RSS ratios to (a): "
-              + ", ".join(f"{KINDS[k][0]} {memory[k]['peak'] / memory['sdpa']['peak']:.2f}" for k in kinds))
+        ratios = ", ".join(f"{KINDS[k][0]} {memory[k]['peak'] / memory['sdpa']['peak']:.2f}" for k in kinds)
+        if args.device == "cpu":
+            print(f"memory: median of {args.memory_repeats} fresh processes per configuration; peak RSS ratios to (a): {ratios}")
+        else:
+            print(f"memory: torch's peak allocation during one generate, in this process; ratios to (a): {ratios}")
     return 0
 
 

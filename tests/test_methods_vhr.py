@@ -58,7 +58,7 @@ def test_alpha_one_is_the_unwrapped_model(family):
     with torch.no_grad():
         ref = model(**inputs).logits
     ref_tokens = _greedy(model, inputs)
-    with attnkit.wrap(model, VHR(alpha=1.0)) as h, torch.no_grad():
+    with attnkit.wrap(model, VHR(alpha=1.0, measure_all=True)) as h, torch.no_grad():
         got = model(**inputs).logits
         assert h.methods[0].state()["vhd"].abs().sum() > 0, "the VHD was measured"
         tokens = _greedy(model, inputs)
@@ -136,19 +136,24 @@ def _direct_vhd(model, one, alpha, chosen, outlier_filter=True):
     return out
 
 
+@pytest.mark.parametrize("measure_all", [True, False])
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip"])
-def test_vhd_equals_a_direct_computation(family, alpha):
-    model, _ = testing.check_model(family)  # 4 layers: two measured before the reinforced ones, two in them
+def test_vhd_equals_a_direct_computation(family, alpha, measure_all):
+    model, _ = testing.check_model(family)  # 4 layers: two before the reinforced ones, two in them
     one = _one_row(family)
-    vhr = VHR(alpha=alpha)
+    vhr = VHR(alpha=alpha, measure_all=measure_all)
     with attnkit.wrap(model, vhr), torch.no_grad():
         model(**one)
     st = vhr.state()
     chosen = st["heads"][0]
     want = _direct_vhd(model, one, alpha, chosen)
-    torch.testing.assert_close(st["vhd"][0], want, atol=1e-4, rtol=1e-4)
     raw = _direct_vhd(model, one, alpha, chosen, outlier_filter=False)
+    if not measure_all:  # only the reinforced layers are measured
+        assert not st["vhd_raw"][0, : vhr.first_layer].any()
+        want[: vhr.first_layer] = 0.0
+        raw[: vhr.first_layer] = 0.0
+    torch.testing.assert_close(st["vhd"][0], want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(st["vhd_raw"][0], raw, atol=1e-4, rtol=1e-4)
     # the selection: strictly above each reinforced layer's median
     for layer in range(vhr.first_layer, want.shape[0]):
@@ -296,6 +301,7 @@ def test_defaults_and_heads_file(tmp_path):
         (dict(alpha=-1.0), "alpha=-1.0 is out of range"),
         (dict(last_layers=0), "last_layers=0 is out of range"),
         (dict(outlier_filter="yes"), "outlier_filter='yes' must be True or False"),
+        (dict(measure_all=1), "measure_all=1 must be True or False"),
         (dict(heads="/no/such/heads.json"), "heads file /no/such/heads.json does not exist"),
         (dict(heads={"x": [1]}), "layer 'x' is not an integer"),
         (dict(heads={1: "0"}), "layer 1 must list head indices"),

@@ -156,10 +156,11 @@ def _packed_masks(handle: Handle, module, layer: int, attention_mask, dev, kwarg
     starts = None
     if main is not None and handle.options.padded_sdpa:
         starts = fast.padded_starts(state, main, q_len, q_len)
+        starts = None if starts is None else starts.tolist()
     bsz = state.batch_size - state.contrast_rows
     twin_keys = state.attention_mask[bsz:, q_len - width :].to(dev)  # (B, w)
     twin = torch.ones(width, width, dtype=torch.bool, device=dev).tril_()[None, None] & twin_keys[:, None, None, :]
-    out = (main, starts, twin, width - twin_keys.sum(1))
+    out = (main, starts, twin, (width - twin_keys.sum(1)).tolist())
     state.packed_masks = (attention_mask, *out)  # holds the mask, so the identity check stays valid
     return out
 

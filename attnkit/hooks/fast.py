@@ -107,17 +107,24 @@ def sdpa(call: Call, state: ForwardState, opts: KernelOptions) -> torch.Tensor:
     return left_padded(call, starts)
 
 
-def left_padded(call: Call, starts: torch.Tensor) -> torch.Tensor:
-    """(B, q, H, D) fused causal attention of a left-padded batch whose row b starts at ``starts[b]``, run
-    unmasked per group of rows with the same start on their real tokens (pad query rows get zeros)."""
+def left_padded(call: Call, starts: torch.Tensor | list[int]) -> torch.Tensor:
+    """(B, q, H, D) fused causal attention of a left-padded batch whose row b starts at ``starts[b]`` (a tensor,
+    or a list, which saves a device sync), run unmasked per group of rows with the same start on their real
+    tokens (pad query rows get zeros)."""
     query, key, value = call.query, call.key, call.value
     rest = {k: v for k, v in call.kwargs.items() if k not in ("is_causal", "dropout", "scaling")}
     bsz, n_heads, q_len, head_dim = query.shape
+    starts = starts.tolist() if isinstance(starts, torch.Tensor) else list(starts)
+    if len(starts) == 1 and bsz > 1:  # one mask row shared by the batch
+        starts = starts * bsz
+    if not any(starts):  # no padding: one causal call
+        part, _ = sdpa_attention_forward(
+            call.module, query, key, value, None, dropout=0.0, scaling=call.scaling, is_causal=True, **rest
+        )
+        return part
     out = query.new_zeros(bsz, q_len, n_heads, head_dim)
-    if starts.numel() == 1 and bsz > 1:  # one mask row shared by the batch
-        starts = starts.expand(bsz)
     groups: dict[int, list[int]] = {}
-    for b, start in enumerate(starts.tolist()):
+    for b, start in enumerate(starts):
         groups.setdefault(int(start), []).append(b)
     for start, rows in groups.items():
         if start >= q_len:

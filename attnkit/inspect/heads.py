@@ -86,7 +86,7 @@ def head_report(
     import attnkit
     from attnkit.methods import VHR
 
-    method = VHR(alpha=alpha, last_layers=last_layers, outlier_filter=outlier_filter)
+    method = VHR(alpha=alpha, last_layers=last_layers, outlier_filter=outlier_filter, measure_all=True)
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None  # a dict or a processor's BatchFeature
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise InputError("head divergence: the inputs need input_ids of shape (batch, tokens)")

@@ -61,8 +61,9 @@ def load_head_set(source: Any, method: str = "vhr") -> dict[int, list[int]]:
 @dataclasses.dataclass
 class VHRConfig(MethodConfig):
     """alpha: scale of the chosen heads' outputs (1 = off); last_layers: reinforce in the last N layers (None =
-    the family's default); outlier_filter: the official filter of VHD outliers; heads: a fixed head set
-    ({layer: [heads]} or a JSON file) instead of the VHD selection."""
+    the family's default); outlier_filter: the official filter of VHD outliers; measure_all: the VHD of every
+    layer, not only the reinforced ones; heads: a fixed head set ({layer: [heads]} or a JSON file) instead
+    of the VHD selection."""
 
     alpha: float = MethodConfig.option(2.0, help="scale of the reinforced heads' outputs before o_proj (1 = off)", lo=0.0)
     last_layers: int | None = MethodConfig.option(
@@ -70,6 +71,9 @@ class VHRConfig(MethodConfig):
     )
     outlier_filter: bool = MethodConfig.option(
         True, help="zero the VHD of heads whose VHD and image-free output norm both exceed their layer's mean + std"
+    )
+    measure_all: bool = MethodConfig.option(
+        False, help="also measure the VHD of the layers before the reinforced ones (for inspection; costs prefill time)"
     )
     heads: dict[int, list[int]] | str | None = MethodConfig.option(
         None, help="a fixed head set instead of the VHD selection: layer:heads pairs (3:0,1;5:2) or a JSON file"
@@ -79,8 +83,9 @@ class VHRConfig(MethodConfig):
         check_range("vhr", "alpha", self.alpha, 0.0, None)
         if self.last_layers is not None:
             check_int("vhr", "last_layers", self.last_layers, 1, None)
-        if not isinstance(self.outlier_filter, bool):
-            raise MethodArgumentError(f"vhr: outlier_filter={self.outlier_filter!r} must be True or False")
+        for name in ("outlier_filter", "measure_all"):
+            if not isinstance(getattr(self, name), bool):
+                raise MethodArgumentError(f"vhr: {name}={getattr(self, name)!r} must be True or False")
         if self.heads is not None:
             self.heads = load_head_set(self.heads)
 
@@ -106,9 +111,10 @@ class VHR(Method):
 
     ``heads`` replaces the selection by a fixed set (the same for every row; no image-free rows run).
 
-    After a forward, ``state()`` holds ``vhd`` (B, layers, heads) fp32 (every layer is measured, the
-    reinforced or not), ``vhd_raw`` (before the outlier filter), ``norm`` (the image-free outputs' norms)
-    and ``heads`` (B, layers, heads) bool, the reinforced heads.
+    After a forward, ``state()`` holds ``vhd`` (B, layers, heads) fp32 (the reinforced layers; every layer
+    with ``measure_all``, as ``attnkit.inspect.head_divergence`` asks; 0 where not measured), ``vhd_raw``
+    (before the outlier filter), ``norm`` (the image-free outputs' norms) and ``heads`` (B, layers, heads)
+    bool, the reinforced heads.
 
     Defaults (official): alpha=2.0; last_layers 14 for LLaVA-1.5/NeXT-7B (32 layers) and 18 for
     InstructBLIP-7B, chosen by the adapter (``Adapter.vhr_layer_share``: 14/32, InstructBLIP 18/32) and
@@ -158,7 +164,8 @@ class VHR(Method):
         if self._fixed is not None:
             return set(self._fixed) if self.config.alpha != 1.0 else set()
         if view.is_prefill:
-            return set(range(self._layers)) if view.contrast_rows else set()
+            first = 0 if self.config.measure_all else self._first
+            return set(range(first, self._layers)) if view.contrast_rows else set()
         return set(range(self._first, self._layers)) if self.config.alpha != 1.0 else set()
 
     def head_output(self, view: View, out: torch.Tensor) -> torch.Tensor:
