@@ -336,3 +336,28 @@ def test_wrap_and_input_errors(tmp_path):
     with attnkit.wrap(model, VHR()), torch.no_grad():
         with pytest.raises(errors.InputError, match="left padding"):
             model(**right)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_packed_prefill_with_other_roles_and_weights(family):
+    """A packed prefill whose layers also carry other roles (PAI's scores) or return attention weights takes
+    the rows layout through the reference kernel: it equals the padded rows (tokens, logits, and the weights
+    of the user's rows)."""
+    from attnkit.methods import PAI
+
+    model, inputs = _tiny(family)
+    runs = {}
+    for packed in (True, False):
+        methods = [PAI(alpha=0.5, start_layer=0), VHR(alpha=2.0)]
+        with attnkit.wrap(model, methods, options=KernelOptions(packed_contrast=packed)), torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True, output_attentions=True)  # fmt: skip
+        runs[packed] = (out, methods[1].state()["heads"].clone())
+    (a, ha), (b, hb) = runs[True], runs[False]
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(ha, hb)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+    prefill_a, prefill_b = a.attentions[0], b.attentions[0]
+    assert prefill_a[0].shape == prefill_b[0].shape == (inputs["input_ids"].shape[0], *prefill_a[0].shape[1:])
+    for x, y in zip(prefill_a, prefill_b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

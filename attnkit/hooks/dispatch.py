@@ -5,7 +5,8 @@ active method touches goes straight to transformers' fused sdpa function with it
 untouched. Otherwise the call is put in normal form (kernel.Call) and computed by the reference
 kernel (kernel.reference) for the query rows the methods ask for, or by one of its fast paths
 (fast.py: a single decode row, fused sdpa for the rows no method asks for, the column form of a
-column rewrite, fused sdpa followed by the per-head output roles), picked here from the call and the handle's KernelOptions.
+column rewrite, fused sdpa followed by the per-head output roles), picked here from the call and the
+handle's KernelOptions. A packed prefill (branch.Packed) is unpacked here first (``_packed``).
 
 With a method active, every call first runs ``_check_call``: not inside torch.compile, one call
 per layer and forward, and the key length the forward state expects (compat.check_keys), so a
@@ -107,7 +108,8 @@ def _packed(handle: Handle, module, layer: int, query, key, value, attention_mas
     fused = roles is None or (
         roles.output_only and handle.options.fused_head_output and kwargs.get("softcap") is None
     )
-    if fused and not handle.want_weights:
+    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+    if fused and not handle.want_weights and not dropout:
         _check_call(handle, layer, q_len)
         parts = (query[:, :, :q_len], key[:, :, :q_len], value[:, :, :q_len])
         if main_starts is not None:  # left padding and the causal rule only: fused causal per padding group

@@ -631,6 +631,8 @@ class Handle:
                 branch.crop_packed(out_cache)
             elif state.contrast_rows and state.is_prefill and not branch.decodes:
                 branch.drop_rows(out_cache, main)
+            if state.is_prefill and not branch.decodes and state.image_mask is not None:
+                state.image_mask = state.image_mask[:main]  # the decode steps see the user's rows only
         logits = getattr(output, "logits", None)
         if logits is None:
             return output
