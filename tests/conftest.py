@@ -98,3 +98,13 @@ def apply_roles(method, state, layer: int, rows, visible, probs: torch.Tensor) -
         stats.add(probs, visible, None)
         stats.give(roles, view)
     return apply_probs(roles, view, probs, None, layer_columns(roles, view))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models run far faster on one thread: two threads spin against each other on a loaded
+    2-core machine (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -53,14 +53,7 @@ def settings_for(name: str, family: str) -> dict[str, Any] | None:
 KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run far faster on one thread: two threads spin against each other on a loaded
-    2-core machine (the suite's CPU time drops about tenfold)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 CHECK_FUNCTIONS = {

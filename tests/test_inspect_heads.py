@@ -23,12 +23,7 @@ FAMILIES = ("llava", "qwen2_vl", "instructblip")
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @functools.lru_cache(maxsize=None)
