@@ -265,3 +265,37 @@ def test_prefill_only_flag():
     with pytest.raises(errors.MethodArgumentError, match="decode"):
         Contrast("no_image", decode="no")
     assert Contrast("no_image", decode=False) != Contrast("no_image")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip", "idefics3"])
+def test_packed_prefill_of_decoding_rows_equals_padded_rows(family):
+    """Image-free rows that go on decoding (PAI's CFG) run packed at prefill, then their KV cache is turned into
+    rows: generate gives the tokens and the (finite) logits of the padded-rows layout, and the prefill really ran
+    packed."""
+    from attnkit.hooks import dispatch
+    from attnkit.hooks.kernel import KernelOptions
+    from attnkit.methods import PAI
+
+    model, inputs = _tiny(family)
+    runs = {}
+    for packed in (True, False):
+        seen = []
+        original = dispatch._packed
+
+        def spy(*args, **kwargs):
+            seen.append(args[2])
+            return original(*args, **kwargs)
+
+        dispatch._packed = spy
+        try:
+            with attnkit.wrap(model, PAI(alpha=0.5, start_layer=0, cfg_gamma=1.5),
+                              options=KernelOptions(packed_contrast=packed)):  # fmt: skip
+                runs[packed] = (_generate(model, inputs), len(seen))
+        finally:
+            dispatch._packed = original
+    (a, n_a), (b, n_b) = runs[True], runs[False]
+    assert n_a == len(get_adapter(model).attention_modules()) and n_b == 0
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y))
+        torch.testing.assert_close(x[torch.isfinite(x)], y[torch.isfinite(y)], atol=1e-4, rtol=0)

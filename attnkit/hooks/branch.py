@@ -245,10 +245,11 @@ class ContrastBranch:
         return out
 
     def _packable(self, kwargs: dict[str, Any]) -> bool:
-        """Whether this prefill can run packed: image-free rows used at prefill only, position ids given (the
-        twins get their own, and the model must not derive the user's from the packed row), an int
+        """Whether this prefill can run packed: image-free rows (their KV cache is turned into rows after the
+        prefill when they go on decoding), position ids given (the twins get their own, and the model must not
+        derive the user's from the packed row), an int
         ``logits_to_keep`` (or none), and no per-token input the packed layout does not know."""
-        if not (self.image_free and not self.decodes):
+        if not self.image_free:
             return False
         pos, ref = kwargs.get("position_ids"), kwargs.get("input_ids")
         ref = ref if ref is not None else kwargs.get("inputs_embeds")
@@ -341,6 +342,43 @@ class ContrastBranch:
             f"the packed prefill returned logits for {got} positions, attnkit expected "
             f"{2 * keep if keep is not None else q_len + width} ({type(self.adapter.model).__name__})"
         )
+
+    def unpack_cache(self, cache: Any) -> None:
+        """After a packed prefill whose rows go on decoding: the KV cache rewritten from (B, h, q + w, D) packed
+        rows to the rows layout the decode steps use, (2B, h, q, D): the user's rows, then the twins
+        left-padded with zero keys (masked by the rows' own mask, ``self.mask``). Writes each cache layer's
+        ``keys`` / ``values`` (checked to be there with the packed shape, else TransformersCompatError)."""
+        packed = self.packed
+        self.packed = None
+        if cache is None:
+            return
+        q_len, width = packed.q_len, packed.width
+        layers = getattr(cache, "layers", None)
+        if not layers:
+            raise TransformersCompatError(
+                f"{type(cache).__name__} has no layers; attnkit cannot turn the packed prefill into {self._what}"
+            )
+        for i, layer in enumerate(layers):
+            new = {}
+            for name in ("keys", "values"):
+                x = getattr(layer, name, None)
+                if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[2] != q_len + width:
+                    raise TransformersCompatError(
+                        f"cache layer {i} has no {name} of {q_len + width} tokens (got "
+                        f"{None if not isinstance(x, torch.Tensor) else tuple(x.shape)}); attnkit cannot turn the packed "
+                        f"prefill into {self._what}"
+                    )
+                bsz = x.shape[0]
+                rows = x.new_zeros(2 * bsz, x.shape[1], q_len, x.shape[3])
+                rows[:bsz] = x[:, :, :q_len]
+                rows[bsz:, :, q_len - width :] = x[:, :, q_len:]
+                new[name] = rows
+            layer.keys, layer.values = new["keys"], new["values"]
+        length = getattr(cache, "get_seq_length", None)
+        if callable(length) and length() != q_len:
+            raise TransformersCompatError(
+                f"{type(cache).__name__} reports {length()} tokens after attnkit rewrote it to {q_len}"
+            )
 
     def crop_packed(self, cache: Any) -> None:
         """After a packed prefill: the twins' tokens removed from the end of the KV cache (``Cache.crop``)."""

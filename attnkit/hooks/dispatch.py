@@ -128,11 +128,15 @@ def _packed(handle: Handle, module, layer: int, query, key, value, attention_mas
         for fn in roles.head_output:
             out = fn(view, out)
         return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1).contiguous(), None
-    if main_mask is None:
-        main_mask = torch.ones(q_len, q_len, dtype=torch.bool, device=dev).tril_()[None, None]
-    mask = torch.zeros(2 * bsz, 1, q_len, q_len, dtype=torch.bool, device=dev)
-    mask[:bsz] = main_mask
-    mask[bsz:, :, q_len - width :, q_len - width :] = twin_mask
+    state = handle.state
+    mask = state.packed_masks[-1] if state.packed_masks is not None and len(state.packed_masks) > 5 else None
+    if mask is None:  # the rows' mask, built once per forward (fast.sdpa then checks its padding once)
+        if main_mask is None:
+            main_mask = torch.ones(q_len, q_len, dtype=torch.bool, device=dev).tril_()[None, None]
+        mask = torch.zeros(2 * bsz, 1, q_len, q_len, dtype=torch.bool, device=dev)
+        mask[:bsz] = main_mask
+        mask[bsz:, :, q_len - width :, q_len - width :] = twin_mask
+        state.packed_masks = (*state.packed_masks, mask)
     rows = [_as_rows(x, q_len, width) for x in (query, key, value)]
     out, weights = _attend(handle, module, layer, *rows, mask, *args, **kwargs)
     return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1), weights
@@ -144,7 +148,7 @@ def _packed_masks(handle: Handle, module, layer: int, attention_mask, dev, kwarg
     state = handle.state
     hit = state.packed_masks
     if hit is not None and hit[0] is attention_mask:
-        return hit[1:]
+        return hit[1:5]
     q_len, width = state.packed
     total = q_len + width
     is_causal = kwargs.get("is_causal")

@@ -628,7 +628,10 @@ class Handle:
             out_cache = out_cache if out_cache is not None else cache
             if branch.packed is not None:
                 contrast = branch.unpack_output(output, main)
-                branch.crop_packed(out_cache)
+                if branch.decodes:
+                    branch.unpack_cache(out_cache)  # the decode steps run the twins as rows
+                else:
+                    branch.crop_packed(out_cache)
             elif state.contrast_rows and state.is_prefill and not branch.decodes:
                 branch.drop_rows(out_cache, main)
             if state.is_prefill and not branch.decodes and state.image_mask is not None:
