@@ -298,3 +298,44 @@ def test_answer_refuses_bad_arguments(models):
     with pytest.raises(InputError):
         carve.answer(model, processor, _image(), "q", probe_tokens=0)
     assert getattr(model, dispatch.HANDLE_ATTR, None) is None
+
+
+# -- the pipeline in attnkit eval ---------------------------------------------------------------------------
+def test_carve_is_a_pipeline_not_a_wrappable_method(models):
+    from attnkit.errors import MethodArgumentError, UnknownMethodError
+    from attnkit.methods import registry
+
+    assert "carve" not in attnkit.list_methods() and "carve" in registry.list_pipelines()
+    with pytest.raises(UnknownMethodError, match="pipeline"):
+        attnkit.wrap(models["llava"][0], "carve")
+    assert getattr(models["llava"][0], dispatch.HANDLE_ATTR, None) is None
+    with pytest.raises(MethodArgumentError):
+        carve.CARVE(top_ratio=0.0)
+    assert carve.CARVE(layers=[1, 2]).config.to_dict()["layers"] == [1, 2]
+
+
+def test_eval_cli_runs_carve_per_sample(tmp_path, capsys):
+    import json
+
+    from attnkit import cli
+    from attnkit.eval.pope import build_pope
+    from attnkit.eval.records import read_jsonl
+
+    ann = testing.write_coco(tmp_path / "coco")
+    build_pope(ann / "instances_val2014.json", tmp_path / "pope", num_images=2, seed=1)
+    base = ["eval", "--model", "tiny:llava", "--max-new-tokens", "3", "--no-progress", "--method", "carve",
+            "--carve.probe-tokens", "2", "--method-arg", "carve.top_ratio=0.3"]
+    out = tmp_path / "run"
+    assert cli.main([*base, "--task", "pope", "--split", "adversarial", "--data-dir", str(tmp_path / "pope"),
+                     "--image-dir", str(tmp_path / "coco" / "val2014"), "--limit", "3", "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == [{"name": "carve", "config": {
+        "general_prompt": carve.GENERAL_PROMPT, "layers": None, "top_ratio": 0.3, "min_regions": 3, "probe_tokens": 2}}]
+    records = read_jsonl(out / "samples.jsonl")
+    assert len(records) == 3 and all(isinstance(r["output"], str) for r in records)
+    capsys.readouterr()
+    assert cli.main([*base, "--task", "grounding", "--annotations", str(ann), "--output", str(tmp_path / "g")]) != 0
+    assert "cannot run with task grounding (it observes the attention)" in capsys.readouterr().err
+    assert cli.main([*base, "--method", "carve,identity", "--task", "grounding", "--annotations", str(ann),
+                     "--output", str(tmp_path / "g2")]) != 0
+    assert "cannot run with other methods" in capsys.readouterr().err

@@ -35,8 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError, UnsupportedModelError
-from .base import Method, MethodConfig
+from ..errors import InputError, MethodArgumentError, UnsupportedModelError
+from .base import Method, MethodConfig, check_int, check_range
+from .registry import register_pipeline
 
 GENERAL_PROMPT = "Write a general description of the image."
 #: The official layers (20..25 inclusive) and the depth they belong to (Qwen2.5-VL-7B).
@@ -388,7 +389,55 @@ def answer(
                        probe=probe)
 
 
+# -- the pipeline entry of attnkit eval --------------------------------------------------------
+@dataclasses.dataclass
+class CARVEConfig(MethodConfig):
+    general_prompt: str = MethodConfig.option(GENERAL_PROMPT, help="the general instruction contrasted with the question")
+    layers: list[int] | None = MethodConfig.option(
+        None, help="layers whose attention is contrasted, e.g. 20-25 (default: the official 20..25 of 28 scaled "
+                   "to the model's depth)", lo=0, aliases={"default": None})
+    top_ratio: float = MethodConfig.option(0.2, help="share of the pixels kept before region selection", lo=0.0, hi=1.0)
+    min_regions: int = MethodConfig.option(3, help="keep at least this many connected regions", lo=1)
+    probe_tokens: int = MethodConfig.option(32, help="greedy tokens generated per probe", lo=1)
+
+    def validate(self) -> None:
+        check_range("carve", "top_ratio", self.top_ratio, 0.0, 1.0)
+        if self.top_ratio == 0:
+            raise MethodArgumentError("carve: top_ratio=0 keeps no pixel (range (0, 1])")
+        check_int("carve", "min_regions", self.min_regions, 1)
+        check_int("carve", "probe_tokens", self.probe_tokens, 1)
+        if self.layers is not None:
+            self.layers = list(self.layers)
+            for layer in self.layers:
+                check_int("carve", "layers", layer, 0)
+
+
+@register_pipeline
+class CARVE:
+    """CARVE (Ge et al.): contrast task/general attention, mask and crop the image, answer on both views."""
+
+    name = "carve"
+    Config = CARVEConfig
+    #: Marks a pipeline for the eval runner: it calls ``run`` per sample instead of a wrapped generate().
+    pipeline = True
+
+    def __init__(self, config: CARVEConfig | None = None, **kwargs: Any) -> None:
+        from .config import build_config
+
+        self.config = config if config is not None else build_config(CARVEConfig, self.name, kwargs)
+
+    def run(self, model: Any, processor: Any, image: Any, question: str, **generate_kwargs: Any) -> str:
+        c = self.config
+        return answer(model, processor, image, question, c.general_prompt, c.layers, c.top_ratio, c.min_regions,
+                      c.probe_tokens, **generate_kwargs).answer
+
+    def __repr__(self) -> str:
+        return f"CARVE({', '.join(f'{k}={v!r}' for k, v in self.config.to_dict().items())})"
+
+
 __all__ = [
+    "CARVE",
+    "CARVEConfig",
     "CarveResult", "GENERAL_PROMPT", "Probe", "Regions", "answer", "default_layers", "fuse_contrast",
     "grid_to_pixels", "label_regions", "probe_contrast", "refine_image", "region_boxes", "select_regions",
 ]
