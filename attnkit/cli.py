@@ -29,15 +29,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     import attnkit
 
     from .eval import list_tasks
+    from .methods.registry import list_pipelines
 
     if not args.verbose:
         print("methods:  " + ", ".join(attnkit.list_methods()))
+        print("pipelines: " + ", ".join(list_pipelines()) + " (attnkit eval --method NAME; not for wrap())")
         print("families: " + ", ".join(attnkit.list_models()))
         print("tasks:    " + ", ".join(list_tasks()))
         return 0
     print("families: " + ", ".join(attnkit.list_models()))
     print()
-    print(_methods_help(attnkit.list_methods()))
+    print(_methods_help([*attnkit.list_methods(), *list_pipelines()]))
     print()
     print(_tasks_help(list_tasks()))
     return 0
@@ -51,11 +53,11 @@ def _spec_lines(specs: list[Any], flag: Any) -> list[str]:
 
 def _methods_help(names: list[str]) -> str:
     """Each method's options: ``--method-arg NAME.FIELD=VALUE`` or ``--NAME.FIELD VALUE``, with help and range."""
-    from .methods.registry import get_method_class
+    from .methods.registry import get_method_or_pipeline_class
 
     out = ["method options (--method-arg [NAME.]FIELD=VALUE or --NAME.FIELD VALUE):"]
     for n in names:
-        cls = get_method_class(n)
+        cls = get_method_or_pipeline_class(n)
         doc = (cls.__doc__ or "").strip().split("\n")[0]
         out.append(f"  {n}: {doc}" if doc else f"  {n}:")
         out += _spec_lines(cls.Config.options(), lambda s, n=n: f"{n}.{s.name}=")
@@ -95,10 +97,10 @@ def _make_methods(names: str | None, pairs: list[str]) -> list[Any]:
     import dataclasses
 
     from .errors import MethodArgumentError
-    from .methods.registry import get_method_class, make_method
+    from .methods.registry import get_method_or_pipeline_class
 
     listed = [n.strip().lower() for n in (names or "").split(",") if n.strip() and n.strip().lower() != "none"]
-    classes = [get_method_class(n) for n in listed]
+    classes = [get_method_or_pipeline_class(n) for n in listed]
     kwargs: list[dict[str, Any]] = [{} for _ in listed]
     for key, text in map(_split_pair, pairs):
         target, _, field = key.rpartition(".")
@@ -119,7 +121,7 @@ def _make_methods(names: str | None, pairs: list[str]) -> list[Any]:
             raise MethodArgumentError(
                 f"{', '.join(listed)}: unknown argument {field!r} (valid: {', '.join(valid) or 'none'})"
             )
-    return [make_method(n, **kw) for n, kw in zip(listed, kwargs)]
+    return [cls(**kw) for cls, kw in zip(classes, kwargs)]
 
 
 # Flags of `attnkit eval` added from declarations: a task option FIELD is --FIELD (dest FIELD), a
@@ -203,8 +205,10 @@ def _add_declared_flags(e: argparse.ArgumentParser, task: str | None, methods: l
                 target.add_argument(spec.flag, action="store_const", const=True, **kw)
             else:
                 target.add_argument(spec.flag, metavar=spec.name.upper(), **kw)
-    for name in attnkit.list_methods():
-        cls = get_method_class(name)
+    from .methods.registry import get_method_or_pipeline_class, list_pipelines
+
+    for name in [*attnkit.list_methods(), *list_pipelines()]:
+        cls = get_method_or_pipeline_class(name)
         shown = name in methods
         mgroup = e.add_argument_group(f"{name} options (--method {name}; or --method-arg {name}.FIELD=VALUE)") \
             if shown else e

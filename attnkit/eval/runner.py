@@ -184,6 +184,10 @@ def run_task(
 ) -> dict[str, Any] | None:
     """Run ``task`` on ``model`` wrapped with ``methods`` (Method objects; empty = unwrapped model).
 
+    A pipeline method (``pipeline = True``, registered with ``register_pipeline``, e.g. CARVE) runs alone:
+    per sample ``method.run(model, processor, image, question, max_new_tokens=..., **generation)`` gives the
+    output text, on the unwrapped model (batch_size is ignored; tasks that observe attention refuse it).
+
     Returns the results dict on rank 0 (None on other ranks). ``config`` is the caller's full resolved
     configuration (e.g. the CLI arguments), recorded in results.json.
     """
@@ -242,13 +246,20 @@ def run_task(
         model.to(dist.device)
     adapter = attnkit.get_adapter(model)
     observer = task.observer(adapter, processor)
+    pipelines = [m for m in methods if getattr(m, "pipeline", False)]
+    if pipelines and (len(methods) > 1 or observer is not None):
+        what = "other methods" if len(methods) > 1 else f"task {task.name} (it observes the attention)"
+        raise DataError(f"method {pipelines[0].name} runs its own passes per sample; it cannot run with {what}")
     active = list(methods) + ([observer] if observer is not None else [])
-    handle = attnkit.wrap(model, active) if active else None
+    handle = attnkit.wrap(model, active) if active and not pipelines else None
     started = time.time()
     generated = 0
     writer = JsonlWriter(log_path)
     try:
-        generated = _generate_all(task, model, processor, adapter, observer, mine, writer, max_new, settings, dist)
+        if pipelines:
+            generated = _run_pipeline(task, model, processor, pipelines[0], mine, writer, max_new, settings, dist)
+        else:
+            generated = _generate_all(task, model, processor, adapter, observer, mine, writer, max_new, settings, dist)
     finally:
         writer.close()
         if handle is not None:
@@ -281,15 +292,7 @@ def _generate_all(task, model, processor, adapter, observer, mine, writer, max_n
             texts = processor.batch_decode(new, skip_special_tokens=True)
             extras = task.collect(observer, chunk, batch, new, adapter) if observer is not None else None
             for i, (sample, text) in enumerate(zip(chunk, texts)):
-                text = text.strip()
-                record = {
-                    "id": sample.id,
-                    "prompt": sample.question,
-                    "output": text,
-                    "parsed": task.parse(text),
-                    "label": sample.label,
-                    "meta": sample.meta,
-                }
+                record = _record(task, sample, text)
                 if extras is not None:
                     record.update(extras[i])
                 writer.write(record)
@@ -298,6 +301,29 @@ def _generate_all(task, model, processor, adapter, observer, mine, writer, max_n
     finally:
         bar.close()
     return count
+
+
+def _record(task: Task, sample: Sample, text: str) -> dict[str, Any]:
+    text = text.strip()
+    return {"id": sample.id, "prompt": sample.question, "output": text, "parsed": task.parse(text),
+            "label": sample.label, "meta": sample.meta}
+
+
+def _run_pipeline(task, model, processor, method, mine, writer, max_new, settings, dist) -> int:
+    """A pipeline method, one sample at a time: ``method.run`` gives each output text."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine), unit="sample", desc=f"{task.name} ({method.name})",
+               disable=not settings.progress or dist.rank != 0, dynamic_ncols=True)
+    try:
+        for sample in mine:
+            text = method.run(model, processor, _open_image(sample), sample.question, max_new_tokens=max_new,
+                              **settings.generate_kwargs())
+            writer.write(_record(task, sample, text))
+            bar.update(1)
+    finally:
+        bar.close()
+    return len(mine)
 
 
 def _finish(task, samples, missing, done_before, out_dir, run_info, settings, dist, model_id, config, methods,

@@ -13,7 +13,8 @@ from .sparsevlm import SparseVLM, SparseVLMConfig
 from .var import VAR, VARConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .vhr import VHR, VHRConfig
-from .registry import get_method_class, list_methods, make_method, register
+from .registry import get_method_class, list_methods, list_pipelines, make_method, register, register_pipeline
+from . import carve  # noqa: E402,F401 (registers the carve pipeline)
 
 __all__ = [
     "Contrast",
@@ -43,6 +44,8 @@ __all__ = [
     "check_range",
     "get_method_class",
     "list_methods",
+    "list_pipelines",
     "make_method",
     "register",
+    "register_pipeline",
 ]
