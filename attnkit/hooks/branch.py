@@ -120,7 +120,9 @@ class ContrastBranch:
 
     def attach(self, handle: Handle) -> None:
         """For rows that carry images: check the family, and shadow the model's ``get_image_features``
-        (through ``handle.set_attr``) so that every encoding also encodes the contrast rows' images."""
+        (through ``handle.set_attr``) so that every encoding also encodes the contrast rows' images. For every
+        kind, shadow the model's ``generate`` to refuse beam search up front (one line)."""
+        self._refuse_beams(handle)
         if self.image_free:
             return
         self.adapter.repeat_image_inputs({}, self.contrast.pixels)  # UnsupportedModelError where it cannot
@@ -152,6 +154,29 @@ class ContrastBranch:
 
         self._encoder = original
         handle.set_attr(owner, ENCODER, encode)
+
+    def _refuse_beams(self, handle: Handle) -> None:
+        """Shadow ``model.generate`` (on the instance, through ``handle.set_attr``) to raise InputError for beam
+        search before it runs: beams reorder the KV cache, which the contrast rows cannot follow (and with images
+        in the rows, generate's expanded image inputs would fail inside the model with a less clear message)."""
+        model = handle.model
+        original = getattr(model, "generate", None)
+        if not callable(original):
+            return
+        owners = " / ".join(self.owners) or "contrast rows"
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+            if isinstance(beams, int) and beams > 1:
+                raise InputError(
+                    f"beam search (num_beams={beams}) is not supported with {owners}, which run contrast rows "
+                    "alongside the user's (use greedy decoding or sampling)"
+                )
+            return original(*args, **kwargs)
+
+        handle.set_attr(model, "generate", generate)
 
     def done(self) -> None:
         """The forward ended (its output hook)."""
