@@ -212,7 +212,6 @@ def test_errors():
         (lambda: VCD(noise_step=1000), "vcd: noise_step=1000 is out of range"),
         (lambda: VCD(distort=3), "vcd: distort must be a callable"),
         (lambda: ICD(beta=-0.1, disturbance_ids=IDS), "icd: beta=-0.1 is out of range"),
-        (lambda: ICD(), "icd: needs processor= .* or disturbance_ids="),
         (lambda: ICD(disturbance_ids=[]), "icd: disturbance_ids=\\[\\] must be a non-empty list"),
         (lambda: ICD(disturbance_ids=IDS, processor=testing.tiny_processor("llava")), "not both"),
     ]
@@ -220,6 +219,9 @@ def test_errors():
         with pytest.raises(errors.MethodArgumentError, match=message) as e:
             make()
         assert "\n" not in str(e.value)
+    with pytest.raises(errors.MethodArgumentError, match="icd: needs processor= .* or disturbance_ids=") as e:
+        attnkit.wrap(model, ICD())
+    assert "\n" not in str(e.value) and "get_image_features" not in vars(model.base_model)
     for family in ("instructblip",):
         m, _ = _tiny(family)
         with pytest.raises(errors.UnsupportedModelError):

@@ -23,12 +23,12 @@ DISTURBANCE = "You are a confused objects detector to provide a fuzzy overview o
 @dataclasses.dataclass
 class ICDConfig(MethodConfig):
     """alpha: contrast strength (0 = off); beta: plausibility cutoff; disturbance: the instruction (tokenised
-    by ``processor``); disturbance_ids: the instruction's token ids instead (no processor needed)."""
+    by the ``processor`` given to ICD itself, a Python-only argument); disturbance_ids: the instruction's token
+    ids instead (no processor needed)."""
 
     alpha: float = MethodConfig.option(1.0, help="contrast strength: (1 + alpha) l - alpha l_disturbed (0 = off)", lo=0.0)
     beta: float = MethodConfig.option(0.1, help="plausibility cutoff: keep tokens with p >= beta x the top p", lo=0.0, hi=1.0)
-    disturbance: str = MethodConfig.option(DISTURBANCE, help="the disturbing instruction (tokenised by processor)")
-    processor: Any = MethodConfig.option(None, help="the model's processor or tokenizer (Python API only)")
+    disturbance: str = MethodConfig.option(DISTURBANCE, help="the disturbing instruction (tokenised by ICD(processor=...))")
     disturbance_ids: list[int] | None = MethodConfig.option(None, help="the instruction's token ids (no processor needed)", lo=0)
 
     def validate(self) -> None:
@@ -40,15 +40,6 @@ class ICDConfig(MethodConfig):
             if not (isinstance(ids, (list, tuple)) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
                 raise MethodArgumentError(f"icd: disturbance_ids={ids!r} must be a non-empty list of token ids (ints >= 0)")
             self.disturbance_ids = list(ids)
-        if self.processor is not None and self.disturbance_ids is not None:
-            raise MethodArgumentError("icd: pass processor= or disturbance_ids=, not both")
-        if self.processor is None and self.disturbance_ids is None and self.alpha != 0:
-            raise MethodArgumentError(
-                "icd: needs processor= (to tokenise the disturbance instruction) or disturbance_ids= (its token ids)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # the processor by reference
 
 
 def _tokenizer(processor: Any) -> Any:
@@ -81,7 +72,9 @@ class ICD(ContrastiveDecoding):
     than the user's: the user's rows are left-padded to its length inside the forward (attnkit's contrast
     rows, see attnkit.hooks.branch), which leaves their results unchanged.
 
-    ``alpha=0`` is the neutral setting: no contrast rows and no cutoff (neither processor nor ids needed).
+    ``alpha=0`` is the neutral setting: no contrast rows and no cutoff (neither processor nor ids needed);
+    otherwise ``wrap()`` raises MethodArgumentError when neither is given (e.g. ``--method icd`` on the CLI
+    without ``--icd.disturbance-ids``).
     Defaults: alpha=1, beta=0.1 and the official disturbance instruction. Families: 1-D positions and
     images that can be repeated (not InstructBLIP, not the mRoPE Qwen-VL families, not LLaVA-OneVision).
     """
@@ -90,12 +83,14 @@ class ICD(ContrastiveDecoding):
     Config = ICDConfig
     families = ("llava", "llava_next", "internvl", "gemma3", "idefics3")
 
-    def __init__(self, config: ICDConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: ICDConfig | None = None, *, processor: Any = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._adapter: Any = None
         ids = self.config.disturbance_ids
-        if ids is None and self.config.processor is not None:
-            tok = _tokenizer(self.config.processor)
+        if processor is not None and ids is not None:
+            raise MethodArgumentError("icd: pass processor= or disturbance_ids=, not both")
+        if ids is None and processor is not None:
+            tok = _tokenizer(processor)
             ids = list(tok(self.config.disturbance, add_special_tokens=False)["input_ids"])
             if not ids:
                 raise MethodArgumentError(f"icd: the processor tokenises disturbance={self.config.disturbance!r} to no token")
@@ -104,6 +99,10 @@ class ICD(ContrastiveDecoding):
         self.contrast = self._contrast_or_none(Contrast("prompt", prompt=self.disturbed))
 
     def attach(self, handle: Any) -> None:
+        if self.contrast is not None and self.ids is None:
+            raise MethodArgumentError(
+                "icd: needs processor= (to tokenise the disturbance instruction) or disturbance_ids= (its token ids)"
+            )
         self._adapter = handle.adapter
 
     def detach(self) -> None:

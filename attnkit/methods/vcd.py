@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import MethodArgumentError
 from ..hooks.context import View
 from .base import Contrast, Method, MethodConfig, check_int, check_range
 from .registry import register
@@ -81,26 +82,18 @@ def diffusion_noise(pixel_values: torch.Tensor, step: int, generator: torch.Gene
 @dataclasses.dataclass
 class VCDConfig(MethodConfig):
     """alpha: contrast strength (0 = off); beta: plausibility cutoff; noise_step: diffusion step of the
-    noised image; distort: a callable (pixel_values, generator) -> pixel_values in place of the noise;
-    seed: of the noise's generator (reset at every call)."""
+    noised image; seed: of the noise's generator (reset at every call). The Python-only ``distort`` callable
+    is an argument of VCD itself, not of its config (the CLI sets every config field)."""
 
     alpha: float = MethodConfig.option(1.0, help="contrast strength: (1 + alpha) l - alpha l_noised (0 = off)", lo=0.0)
     beta: float = MethodConfig.option(0.1, help="plausibility cutoff: keep tokens with p >= beta x the top p", lo=0.0, hi=1.0)
     noise_step: int = MethodConfig.option(500, help="diffusion step of the noise, in [0, 999]", lo=0, hi=DIFFUSION_STEPS - 1)
-    distort: Any = MethodConfig.option(None, help="callable (pixel_values, generator) -> pixel_values (Python API only)")
     seed: int = MethodConfig.option(0, help="seed of the noise (the same noise at every call)")
 
     def validate(self) -> None:
         _check_contrastive("vcd", self.alpha, self.beta)
         check_int("vcd", "noise_step", self.noise_step, 0, DIFFUSION_STEPS - 1)
         check_int("vcd", "seed", self.seed, None, None)
-        if self.distort is not None and not callable(self.distort):
-            from ..errors import MethodArgumentError
-
-            raise MethodArgumentError(f"vcd: distort must be a callable (pixel_values, generator), got {type(self.distort).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # the callable by reference
 
 
 @register
@@ -131,13 +124,16 @@ class VCD(ContrastiveDecoding):
     Config = VCDConfig
     families = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "idefics3")
 
-    def __init__(self, config: VCDConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: VCDConfig | None = None, *, distort: Any = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
+        if distort is not None and not callable(distort):
+            raise MethodArgumentError(f"vcd: distort must be a callable (pixel_values, generator), got {type(distort).__name__}")
+        self.distort = distort
         self.contrast = self._contrast_or_none(Contrast("pixels", pixels=self._distort))
 
     def _distort(self, pixel_values: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.config.seed)
-        if self.config.distort is not None:
-            return self.config.distort(pixel_values, generator)
+        if self.distort is not None:
+            return self.distort(pixel_values, generator)
         return diffusion_noise(pixel_values, self.config.noise_step, generator)
 
