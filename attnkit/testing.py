@@ -1083,7 +1083,7 @@ def check_batch_equals_rows(
             alone.append((_no_grad_logits(model, one)[0, -1], _greedy(model, one, n_new)[0]))
     where = _where(cls, family, settings)
     for row, (last, row_tokens) in enumerate(alone):
-        err = float((last - got[row, -1]).abs().max())
+        err = _max_diff(last, got[row, -1])
         if not err <= EXACT_ATOL:
             raise AssertionError(
                 f"{where}: row {row}'s last-token logits differ by {err:.2e} batched and alone (> {EXACT_ATOL})"
@@ -1093,6 +1093,16 @@ def check_batch_equals_rows(
                 f"{where}: row {row} generates {tokens[row].tolist()} batched, {row_tokens.tolist()} alone"
             )
     _assert_effect(cls, family, settings, ref, got)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of two logits tensors; -inf entries (a method's cutoff, e.g. VCD's) must
+    sit at the same places in both (else inf), and only the finite ones are compared."""
+    inf_a, inf_b = torch.isneginf(a), torch.isneginf(b)
+    if not torch.equal(inf_a, inf_b):
+        return float("inf")
+    keep = ~inf_a
+    return float((a[keep] - b[keep]).abs().max()) if bool(keep.any()) else 0.0
 
 
 @lru_cache(maxsize=None)
@@ -1137,7 +1147,7 @@ def check_cached_equals_recomputed(
         full = [model(**extend_inputs(inputs, tokens[:, :t])).logits[:, -1] for t in range(n_new)]
     where = _where(cls, family, settings)
     for t in range(n_new):
-        err = float((full[t] - gen.logits[t]).abs().max())
+        err = _max_diff(full[t], gen.logits[t])
         if not err <= EXACT_ATOL:
             raise AssertionError(
                 f"{where}: step {t}: cached logits differ from the recomputation by {err:.2e} (> {EXACT_ATOL})"
@@ -1204,7 +1214,8 @@ def check_drop_equals_mask(
 def check_runs(
     method: Any, family: str, settings: dict[str, Any] | None = None, *, num_layers: int = CHECK_LAYERS, n_new: int = 2
 ) -> None:
-    """The method wraps the family's tiny model, a forward gives finite logits for every row and generate()
+    """The method wraps the family's tiny model, a forward gives finite last logits for every row (-inf allowed
+    where a cutoff masks tokens) and generate()
     gives ``n_new`` tokens; remove() restores the unwrapped logits."""
     import attnkit
 
@@ -1216,7 +1227,8 @@ def check_runs(
         tokens = _greedy(model, inputs, n_new)
     after = _no_grad_logits(model, inputs)
     where = _where(cls, family, settings)
-    if got.shape[0] != ref.shape[0] or not torch.isfinite(got[:, -1]).all():
+    last = got[:, -1]  # a cutoff may set -inf (VCD, ICD); no NaN, no +inf, finite ones in every row
+    if got.shape[0] != ref.shape[0] or last.isnan().any() or last.isposinf().any() or not last.isfinite().any(-1).all():
         raise AssertionError(f"{where}: the wrapped forward gave logits of shape {tuple(got.shape)}, not all finite")
     if tokens.shape != (ref.shape[0], n_new):
         raise AssertionError(f"{where}: generate gave new tokens of shape {tuple(tokens.shape)}")

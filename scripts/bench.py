@@ -86,12 +86,16 @@ KINDS = {
     "act": ("g", "(g) ACT"),
     "pai-cfg": ("h", "(h) PAI + CFG"),
     "vhr": ("i", "(i) VHR"),
+    "vcd": ("j", "(j) VCD"),
+    "icd": ("k", "(k) ICD (20-token instruction)"),
 }
+#: ICD's instruction for the bench (no processor): 20 plain token ids after the first token of each row
+ICD_IDS = list(range(100, 120))
 
 
 def make_methods(kind: str) -> list | None:
     """The attnkit methods of a configuration (None: not wrapped)."""
-    from attnkit.methods import ACT, PAI, VAR, VHR
+    from attnkit.methods import ACT, ICD, PAI, VAR, VCD, VHR
 
     return {
         "wrap-empty": [],
@@ -101,6 +105,8 @@ def make_methods(kind: str) -> list | None:
         "act": [ACT()],
         "pai-cfg": [PAI(cfg_gamma=1.1)],
         "vhr": [VHR()],
+        "vcd": [VCD()],
+        "icd": [ICD(disturbance_ids=ICD_IDS)],
     }.get(kind)
 
 

@@ -14,7 +14,7 @@ import torch
 import attnkit
 from attnkit import errors, testing
 from attnkit.hooks import compat
-from attnkit.methods import ACT, PAI, VAR, VHR, FastV, HiPrune, Identity, Method, PyramidDrop, SparseVLM, VisionZip
+from attnkit.methods import ACT, ICD, PAI, VAR, VCD, VHR, FastV, HiPrune, Identity, Method, PyramidDrop, SparseVLM, VisionZip
 
 from .conftest import extend_inputs
 from .test_methods_common import SINK_DIM, TAU, plant_sinks
@@ -48,13 +48,15 @@ METHODS = {
     "visionzip": ("llava", lambda: VisionZip(dominant=3, contextual=2)),
     "hiprune": ("gemma3", lambda: HiPrune(budget=4)),
     "vhr": ("qwen2_vl", lambda: VHR()),
+    "vcd": ("llava", lambda: VCD()),
+    "icd": ("llava", lambda: ICD(disturbance_ids=[150, 151, 152, 153])),
 }
 #: Methods whose rewrite applies to the new token at every decode step (the others act at prefill only).
 ACTS_AT_DECODE = {"identity", "var", "pai", "act", "vhr"}
 #: Methods whose cached generate equals full recomputation (PAI lifts the last row of each forward, so a
 #: recomputation lifts other rows; the LLM-side pruning methods rank at prefill and their own tests
 #: replay that selection in the recomputation instead).
-RECOMPUTABLE = {"identity", "visionzip", "hiprune"}
+RECOMPUTABLE = {"identity", "visionzip", "hiprune", "vcd", "icd"}
 CALLBACKS = ("scores", "column_stats", "probs", "columns", "reweight", "head_output", "observe")
 
 

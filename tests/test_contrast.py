@@ -133,6 +133,55 @@ def test_prompt(family):
     assert (prefill[:, -1] - first[:, -1]).abs().max() > 1e-3, "the altered prompt must change the contrast logits"
 
 
+def longer(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An altered prompt two tokens longer: the row's first two real tokens repeated after its first one (as
+    ICD puts its instruction in), so every row grows."""
+    start = (mask == 0).sum(1)  # left padding
+    q = ids.shape[1]
+    rows = []
+    for r in range(ids.shape[0]):
+        s = int(start[r])
+        real = ids[r, s:]
+        rows.append(torch.cat([ids[r, :s], real[:1], real[:2], real[1:]]))
+    out_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 2)], 1).sort(1).values  # left-padded, q + 2 wide
+    assert out_mask.shape[1] == q + 2
+    return torch.stack(rows), out_mask
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_prompt_longer(family):
+    """An altered prompt longer than the user's (q' = q + 2): the user's rows are padded inside the forward and
+    stay the unwrapped model's (logits at their q positions, tokens); the contrast logits are the variant's
+    (its last q positions at prefill, then every decode step); hidden states and attentions keep the user's
+    shapes."""
+    model, inputs = _tiny(family)
+    first, gen, prefill, steps = _run(model, inputs, Contrast("prompt", prompt=longer))
+    _check_user_rows(model, inputs, first, gen)
+    adapter = get_adapter(model)
+    ids, mask = longer(inputs["input_ids"], inputs["attention_mask"])
+    variant = dict(inputs, input_ids=ids, attention_mask=mask)
+    if "token_type_ids" in inputs:
+        variant["token_type_ids"] = adapter.image_mask(ids).to(inputs["token_type_ids"].dtype)
+    q = inputs["input_ids"].shape[1]
+    tokens = gen.sequences[:, q:]
+    with torch.no_grad():
+        torch.testing.assert_close(prefill, model(**variant).logits[:, -q:], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert len(steps) == N
+        for t in range(N):
+            want = model(**extend_inputs(variant, tokens[:, :t])).logits[:, -1]
+            torch.testing.assert_close(steps[t][:, -1], want, atol=1e-4, rtol=0)
+        ref = model(**inputs, output_hidden_states=True, output_attentions=True)
+        with attnkit.wrap(model, Toy(Contrast("prompt", prompt=longer))):
+            got = model(**inputs, output_hidden_states=True, output_attentions=True)
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in ref.hidden_states]
+    bsz, heads = inputs["input_ids"].shape[0], get_adapter(model).num_heads
+    assert {tuple(a.shape) for a in got.attentions} == {(bsz, heads, q, q)}  # sdpa unwrapped returns none
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got.hidden_states[-1][keep], ref.hidden_states[-1][keep], atol=2e-5, rtol=0)
+    assert (prefill[:, -1] - first[:, -1]).abs().max() > 1e-3, "the altered prompt must change the contrast logits"
+
+
 def test_errors():
     f = lambda x: x  # noqa: E731
     with pytest.raises(errors.MethodArgumentError, match="not supported"):
@@ -156,11 +205,9 @@ def test_errors():
     model, inputs = _tiny("llava")
     with pytest.raises(errors.MethodArgumentError, match="different contrast rows"):
         attnkit.wrap(model, [Toy(Contrast("no_image")), Toy(Contrast("pixels", pixels=f))])
-    q = inputs["input_ids"].shape[1]
-    longer = lambda ids, m: (torch.cat([ids[:, :2], ids], 1), torch.cat([m[:, :2], m], 1))  # noqa: E731
     no_image = lambda ids, m: (ids[:, -4:], m[:, -4:])  # noqa: E731
     cases = [
-        (Contrast("prompt", prompt=longer), f"the altered prompt has {q + 2} tokens, more than the prompt's {q}"),
+        (Contrast("prompt", prompt=longer, decode=False), "longer than the prompt .* needs Contrast\\(decode=True\\)"),
         (Contrast("prompt", prompt=no_image), "image tokens per row"),
         (Contrast("pixels", pixels=lambda pv: pv[:1]), "same shape"),
     ]

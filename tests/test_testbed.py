@@ -189,7 +189,8 @@ def test_every_registered_method_runs_on_the_testbed(shipped):
     with torch.no_grad():
         plain = model.generate(**batch, max_new_tokens=4)[:, n:]
     for name in attnkit.list_methods():
-        with attnkit.wrap(model, name), torch.no_grad():
+        method = attnkit.methods.ICD(processor=processor) if name == "icd" else name  # ICD needs the tokenizer
+        with attnkit.wrap(model, method), torch.no_grad():
             out = model.generate(**batch, max_new_tokens=4)[:, n:]
         answers = [parse_answer(t, strict=True) for t in processor.batch_decode(out, skip_special_tokens=True)]
         assert all(a in ("yes", "no") for a in answers), (name, answers)

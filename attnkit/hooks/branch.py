@@ -10,7 +10,8 @@ so ``generate`` never sees them.
 
 The variants, at prefill: ``no_image`` the prompts without their image tokens, left-padded to the prompt
 length; ``pixels`` the user's rows repeated; ``prompt`` the altered prompt, left-padded to the prompt
-length. Per-row inputs are extended for the contrast rows: token ids or embeddings, the 2-D attention
+length, or, when it is longer, the user's rows left-padded to its length (``extra`` columns, which every
+decode step's user mask gets too, and which the output hook takes off the user's outputs). Per-row inputs are extended for the contrast rows: token ids or embeddings, the 2-D attention
 mask, position ids (copies for ``pixels``; else 2-D, or 3-D for mRoPE, rebuilt from the rows' own mask as
 ``generate`` does), token-type ids (zeros for ``no_image``; copies for ``pixels``; the user's values at
 the image tokens for ``prompt``) and ``batch_num_images``. For ``pixels`` and ``prompt`` the rows carry
@@ -93,9 +94,10 @@ class Packed:
 class ContrastBranch:
     """Builds the extended inputs of each forward for one Contrast and remembers the rows' attention mask."""
 
-    def __init__(self, adapter: Adapter, contrast: Contrast) -> None:
+    def __init__(self, adapter: Adapter, contrast: Contrast, owners: tuple[str, ...] = ()) -> None:
         self.adapter = adapter
         self.contrast = contrast
+        self.owners = owners  # the names of the methods that asked for the rows (for messages)
         self.kind = contrast.kind
         self.mask: torch.Tensor | None = None  # (B, kv) mask of the contrast rows so far
         self.rows = 0
@@ -103,6 +105,9 @@ class ContrastBranch:
         self._passthrough = False  # this forward's image inputs are repeated already
         self._encoded = False  # get_image_features encoded the repeated images since the last prefill
         self.packed: Packed | None = None  # the forward in progress is a packed prefill
+        #: left padding added to the user's rows at the last prefill, for a longer altered prompt (q' > q): every
+        #: forward of the generation carries it (the cache holds it), the user's own mask and outputs do not
+        self.extra = 0
 
     @property
     def image_free(self) -> bool:
@@ -115,7 +120,9 @@ class ContrastBranch:
 
     def attach(self, handle: Handle) -> None:
         """For rows that carry images: check the family, and shadow the model's ``get_image_features``
-        (through ``handle.set_attr``) so that every encoding also encodes the contrast rows' images."""
+        (through ``handle.set_attr``) so that every encoding also encodes the contrast rows' images. For every
+        kind, shadow the model's ``generate`` to refuse beam search up front (one line)."""
+        self._refuse_beams(handle)
         if self.image_free:
             return
         self.adapter.repeat_image_inputs({}, self.contrast.pixels)  # UnsupportedModelError where it cannot
@@ -147,6 +154,29 @@ class ContrastBranch:
 
         self._encoder = original
         handle.set_attr(owner, ENCODER, encode)
+
+    def _refuse_beams(self, handle: Handle) -> None:
+        """Shadow ``model.generate`` (on the instance, through ``handle.set_attr``) to raise InputError for beam
+        search before it runs: beams reorder the KV cache, which the contrast rows cannot follow (and with images
+        in the rows, generate's expanded image inputs would fail inside the model with a less clear message)."""
+        model = handle.model
+        original = getattr(model, "generate", None)
+        if not callable(original):
+            return
+        owners = " / ".join(self.owners) or "contrast rows"
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+            if isinstance(beams, int) and beams > 1:
+                raise InputError(
+                    f"beam search (num_beams={beams}) is not supported with {owners}, which run contrast rows "
+                    "alongside the user's (use greedy decoding or sampling)"
+                )
+            return original(*args, **kwargs)
+
+        handle.set_attr(model, "generate", generate)
 
     def done(self) -> None:
         """The forward ended (its output hook)."""
@@ -201,10 +231,18 @@ class ContrastBranch:
         if attn is not None and (not isinstance(attn, torch.Tensor) or attn.dim() != 2):
             raise InputError(f"{self._what} need a 2-D attention_mask (use a dynamic cache)")
         batch, q_len = ref.shape[:2]
-        main_mask = attn if attn is not None else torch.ones(batch, past_len + q_len, dtype=torch.long, device=ref.device)
+        if past_len == 0:
+            self.extra = 0
+        extra = self.extra
+        main_mask = attn if attn is not None else torch.ones(batch, past_len - extra + q_len, dtype=torch.long, device=ref.device)
+        if extra:  # a decode step after a widened prefill: the user's mask covers the cache's extra padding too
+            main_mask = _left_pad(main_mask, main_mask.shape[1] + extra, 0)
         types: dict[str, torch.Tensor] = {}
         if past_len == 0:
             branch_ref, branch_mask, types = self._prefill_rows(ids, embeds, main_mask, kwargs)
+            if branch_mask.shape[1] > q_len:  # a longer altered prompt: the user's rows left-padded to its length
+                kwargs, ref, main_mask = self._widen(kwargs, ref, main_mask, branch_mask.shape[1])
+                ids, q_len = ref, ref.shape[1]
         else:
             if self.mask is None or self.rows != batch:
                 raise InputError(f"{self._what} have no prefill for this batch: start with the whole prompt")
@@ -212,7 +250,8 @@ class ContrastBranch:
             if cached is not None and cached != 2 * batch:
                 raise InputError(
                     f"{self._what} expect a KV cache of {2 * batch} rows, got {cached} "
-                    "(beam search and cache reordering are not supported with contrast rows, e.g. PAI cfg_gamma)"
+                    f"(beam search and cache reordering are not supported with {' / '.join(self.owners) or 'contrast rows'}: "
+                    "they run contrast rows, e.g. PAI cfg_gamma, VCD, ICD)"
                 )
             branch_ref = ref
             branch_mask = torch.cat([self.mask, self.mask.new_ones(batch, q_len)], dim=1)
@@ -243,6 +282,28 @@ class ContrastBranch:
         if not self.image_free:
             out = self._repeat_images(out, past_len)
         return out
+
+    def _widen(
+        self, kwargs: dict[str, Any], ids: torch.Tensor, main_mask: torch.Tensor, width: int
+    ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """The user's prefill left-padded to ``width`` tokens (ids with the pad id, mask, position ids and token
+        types with 0, as ``generate`` pads), for an altered prompt longer than the user's: extra left padding
+        leaves the user's rows unchanged (up to rounding). ``self.extra`` remembers the width added, so that
+        the decode steps widen the user's mask the same way and the output hook returns the user's positions."""
+        if not self.decodes:
+            raise InputError(
+                f"{self._what}: an altered prompt longer than the prompt ({width} > {ids.shape[1]} tokens) needs "
+                "Contrast(decode=True)"
+            )
+        q_len = ids.shape[1]
+        self.extra = width - q_len
+        out = dict(kwargs, input_ids=_left_pad(ids, width, self.adapter.pad_id))
+        for key, value in kwargs.items():
+            if key != "input_ids" and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == q_len:
+                if key == "position_ids" or (value.dim() == 2 and value.shape[0] == ids.shape[0]):
+                    pad = value.new_zeros(*value.shape[:-1], self.extra)
+                    out[key] = torch.cat([pad, value], dim=-1)
+        return out, out["input_ids"], _left_pad(main_mask, width, 0)
 
     def _packable(self, kwargs: dict[str, Any]) -> bool:
         """Whether this prefill can run packed: image-free rows (their KV cache is turned into rows after the
@@ -461,13 +522,9 @@ class ContrastBranch:
                 f"the contrast's prompt function returned input_ids {tuple(alt_ids.shape)} and attention_mask "
                 f"{tuple(alt_mask.shape)}; both must be ({batch}, any length)"
             )
-        if alt_ids.shape[1] > q_len:
-            raise InputError(
-                f"the altered prompt has {alt_ids.shape[1]} tokens, more than the prompt's {q_len}: left-pad the batch "
-                f"to at least {alt_ids.shape[1]} tokens (e.g. padding='max_length', max_length={alt_ids.shape[1]})"
-            )
-        alt_ids = _left_pad(alt_ids.to(ids.device, ids.dtype), q_len, self.adapter.pad_id)
-        alt_mask = _left_pad(alt_mask.to(main_mask.device, main_mask.dtype), q_len, 0)
+        width = max(q_len, alt_ids.shape[1])  # a longer one: expand() pads the user's rows to its length
+        alt_ids = _left_pad(alt_ids.to(ids.device, ids.dtype), width, self.adapter.pad_id)
+        alt_mask = _left_pad(alt_mask.to(main_mask.device, main_mask.dtype), width, 0)
         user = self.adapter.image_mask(ids) & main_mask.bool()
         alt = self.adapter.image_mask(alt_ids) & alt_mask.bool()
         if not torch.equal(user.sum(1), alt.sum(1)):
@@ -479,7 +536,7 @@ class ContrastBranch:
         for key in TOKEN_TYPE_KEYS:
             value = kwargs.get(key)
             if isinstance(value, torch.Tensor):
-                twin = torch.zeros_like(value)
+                twin = value.new_zeros(value.shape[0], width)
                 twin[alt] = value[user]
                 types[key] = twin
         return alt_ids, alt_mask, types

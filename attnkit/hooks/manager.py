@@ -290,7 +290,8 @@ class Handle:
         if len(contrasts) > 1:
             kinds = ", ".join(c.kind for c in contrasts)
             raise MethodArgumentError(f"methods ask for different contrast rows ({kinds}); one per model")
-        return ContrastBranch(self.adapter, contrasts[0])
+        owners = tuple(dict.fromkeys(m.name for m in self.methods if m.contrast is not None))
+        return ContrastBranch(self.adapter, contrasts[0], owners)
 
     def _past_len(self, cache_len: int) -> int:
         """The whole sequence's past length from the cache's (its first layer's) length: when the last
@@ -325,7 +326,10 @@ class Handle:
         seen = compat.read_forward(args, kwargs)
         input_ids, attn, q_len = seen.input_ids, seen.attention_mask, seen.q_len
         past_len = self._past_len(seen.cache_len)
-        compat.check_past(seen, past_len)
+        # after a prefill widened for a longer altered prompt (branch.extra), the cache holds extra padding
+        # that the caller's mask does not cover (the branch adds it)
+        widened = self._branch.extra if self._branch is not None and past_len else 0
+        compat.check_past(seen, past_len - widened)
         changed = None
         main_batch = seen.batch
         branch = self._branch if self._branch is not None and (past_len == 0 or self._branch.decodes) else None
@@ -341,6 +345,8 @@ class Handle:
             else:
                 input_ids = kwargs.get("input_ids")
                 attn = kwargs["attention_mask"]
+                if past_len == 0 and branch.extra:  # the user's rows left-padded to the longer altered prompt
+                    q_len += branch.extra
             ctx.batch_size = attn.shape[0]
         else:
             ctx.batch_size = main_batch
@@ -614,6 +620,18 @@ class Handle:
         cols = self.state.kv_index(pos.to(attn.device))
         return attn.gather(1, cols)[:, None, None, :].to(like.device)
 
+    def _user_positions(self, output: Any, branch: ContrastBranch) -> None:
+        """After a forward widened for a longer altered prompt (branch.extra): the hidden states and attentions
+        cut to the user's own positions (the padding the branch added taken off, as query rows and key columns)."""
+        extra = branch.extra
+        hidden = getattr(output, "hidden_states", None)
+        if hidden and self.state.is_prefill:
+            output.hidden_states = tuple(h[:, extra:] if h is not None and h.dim() == 3 else h for h in hidden)
+        weights = getattr(output, "attentions", None)
+        if weights:
+            rows = extra if self.state.is_prefill else 0
+            output.attentions = tuple(w[..., rows:, extra:] if w is not None else w for w in weights)
+
     def _on_output(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         """The logits roles, then the user's rows only (the contrast rows never leave); after the prefill of a
         ``Contrast(decode=False)``, the contrast rows dropped from the KV cache."""
@@ -646,6 +664,11 @@ class Handle:
                 per_layer = getattr(output, key, None)
                 if per_layer:
                     setattr(output, key, tuple(w[:main] if w is not None else w for w in per_layer))
+            if branch is not None and branch.extra:
+                self._user_positions(output, branch)
+                if state.is_prefill:  # the user's q positions at most (the caller's logits_to_keep may ask fewer)
+                    keep = min(logits.shape[1], state.q_len - branch.extra)
+                    logits, contrast = logits[:, -keep:], contrast[:, -keep:]
         view = View(state)
         for m in self.methods:
             if m.logits is not None:

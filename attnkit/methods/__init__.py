@@ -6,11 +6,13 @@ from .act import ACT, ACTConfig
 from .base import Contrast, Method, MethodConfig, check_int, check_range
 from .fastv import FastV, FastVConfig
 from .hiprune import HiPrune, HiPruneConfig
+from .icd import ICD, ICDConfig
 from .identity import Identity, IdentityConfig
 from .pai import PAI, PAIConfig
 from .pdrop import PyramidDrop, PyramidDropConfig
 from .sparsevlm import SparseVLM, SparseVLMConfig
 from .var import VAR, VARConfig
+from .vcd import VCD, VCDConfig
 from .visionzip import VisionZip, VisionZipConfig
 from .vhr import VHR, VHRConfig
 from .registry import get_method_class, list_methods, list_pipelines, make_method, register, register_pipeline
@@ -24,6 +26,8 @@ __all__ = [
     "FastVConfig",
     "HiPrune",
     "HiPruneConfig",
+    "ICD",
+    "ICDConfig",
     "Identity",
     "IdentityConfig",
     "Method",
@@ -36,6 +40,8 @@ __all__ = [
     "SparseVLMConfig",
     "VAR",
     "VARConfig",
+    "VCD",
+    "VCDConfig",
     "VHR",
     "VHRConfig",
     "VisionZip",

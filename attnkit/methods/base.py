@@ -73,9 +73,11 @@ class Contrast:
 
     ``kind="prompt", prompt=fn``: an altered prompt with the same images (ICD's disturbing instruction):
     ``fn(input_ids, attention_mask) -> (input_ids, attention_mask)``, both (B, q'), each row holding as
-    many image tokens as the user's row. A shorter one is left-padded to the prompt's length q; a longer
-    one (q' > q) raises InputError naming both lengths: left-pad the user's batch to at least q' tokens
-    (e.g. ``padding="max_length", max_length=q'``), which leaves the user's rows unchanged.
+    many image tokens as the user's row. A shorter one is left-padded to the prompt's length q; for a longer
+    one (q' > q) the user's rows are left-padded to q' inside the forward (which leaves their results
+    unchanged up to rounding), and every decode step's mask gets the same q' - q extra padding columns; the
+    user still gets the q positions of the prompt (logits, hidden states, attentions), and the method's
+    ``contrast_logits`` hold the variant's last q positions. Needs ``decode=True``.
 
     ``decode=False``: the rows run at prefill only. After the prefill forward the manager drops them from the
     KV cache (and from any per-batch state the family keeps, e.g. Qwen-VL's rope deltas), so decode steps
