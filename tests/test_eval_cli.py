@@ -262,3 +262,23 @@ def test_method_args_go_to_the_methods_that_have_them():
     assert pai.config.alpha == 0.5 and var.config.p == 0.6  # qualified: pai only
     assert var.config.start_layer == 3 and pai.config.start_layer == 3  # bare: every method with the field
     assert cli._make_methods("none", []) == [] and cli._make_methods(None, []) == []
+
+
+def test_icd_by_name_gets_the_runners_processor(tmp_path, pope_dir, monkeypatch):
+    """`attnkit eval --method icd` works without token ids: the runner hands ICD its processor
+    (Method.use_processor) before wrap(), and ICD tokenises its instruction with it."""
+    from attnkit.methods import ICD
+
+    seen = []
+    original = ICD.use_processor
+
+    def spy(self, processor):
+        original(self, processor)
+        seen.append(list(self.ids))
+
+    monkeypatch.setattr(ICD, "use_processor", spy)
+    out = tmp_path / "run"
+    assert cli.main(_eval("--task", "pope", "--split", "random", "--data-dir", str(pope_dir), "--output", str(out),
+                          "--batch-size", "4", "--limit", "4", "--method", "icd")) == 0
+    assert len(seen) == 1 and len(seen[0]) > 3
+    assert json.loads((out / "results.json").read_text())["counts"]["scored"] == 4

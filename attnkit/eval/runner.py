@@ -250,6 +250,10 @@ def run_task(
     if pipelines and (len(methods) > 1 or observer is not None):
         what = "other methods" if len(methods) > 1 else f"task {task.name} (it observes the attention)"
         raise DataError(f"method {pipelines[0].name} runs its own passes per sample; it cannot run with {what}")
+    for m in methods:
+        use = getattr(m, "use_processor", None)  # Method.use_processor (ICD tokenises its instruction)
+        if callable(use):
+            use(processor)
     active = list(methods) + ([observer] if observer is not None else [])
     handle = attnkit.wrap(model, active) if active and not pipelines else None
     started = time.time()

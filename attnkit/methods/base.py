@@ -221,6 +221,11 @@ class Method:
         self.config = config
 
     # -- lifecycle -------------------------------------------------------------------------
+    def use_processor(self, processor: Any) -> None:
+        """Called before wrap() by code that holds the model's processor (the eval runner, ``attnkit eval``,
+        ``attnkit demo``): a method that needs the tokenizer (ICD) takes it here unless it was given one.
+        Default: nothing."""
+
     def attach(self, handle: Handle) -> None:
         """Called once by wrap(): ``handle.adapter`` gives the model's family knowledge and geometry;
         ``handle.add_hook`` registers any torch hook the method needs (removed by the handle)."""

@@ -89,14 +89,20 @@ class ICD(ContrastiveDecoding):
         ids = self.config.disturbance_ids
         if processor is not None and ids is not None:
             raise MethodArgumentError("icd: pass processor= or disturbance_ids=, not both")
-        if ids is None and processor is not None:
-            tok = _tokenizer(processor)
-            ids = list(tok(self.config.disturbance, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise MethodArgumentError(f"icd: the processor tokenises disturbance={self.config.disturbance!r} to no token")
         self.ids = ids
+        if ids is None and processor is not None:
+            self.use_processor(processor)
         self.after_image = self.config.disturbance_ids is None
         self.contrast = self._contrast_or_none(Contrast("prompt", prompt=self.disturbed))
+
+    def use_processor(self, processor: Any) -> None:
+        """Tokenise ``disturbance`` with the model's processor (or tokenizer), unless ids are set already."""
+        if self.ids is not None or processor is None:
+            return
+        ids = list(_tokenizer(processor)(self.config.disturbance, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise MethodArgumentError(f"icd: the processor tokenises disturbance={self.config.disturbance!r} to no token")
+        self.ids = ids
 
     def attach(self, handle: Any) -> None:
         if self.contrast is not None and self.ids is None:

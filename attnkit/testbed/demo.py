@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 #: the rows of the demo table, in order ("none" = the unwrapped model)
-DEFAULT_METHODS: tuple[str, ...] = ("none", "pai", "var", "act", "vhr", "fastv", "pdrop", "sparsevlm", "visionzip",
-                                    "hiprune")
+DEFAULT_METHODS: tuple[str, ...] = ("none", "pai", "var", "act", "vhr", "vcd", "icd", "fastv", "pdrop", "sparsevlm",
+                                    "visionzip", "hiprune")
 #: vision-side budgets are token counts for LLaVA's 576 image tokens, where the defaults keep all 64 of the
 #: testbed's: scaled here to the same share (VisionZip 54+10 of 576 -> 6+1 of 64; HiPrune 192 of 576 -> 21)
 TESTBED_ARGS: dict[str, dict[str, Any]] = {"visionzip": {"dominant": 6, "contextual": 1}, "hiprune": {"budget": 21}}
