@@ -52,10 +52,7 @@ def settings_for(name: str, family: str) -> dict[str, Any] | None:
 
 
 #: Checks that fail today, each with its reason: reported as xfail (strict, so a fix turns them red).
-KNOWN_FAILURES: dict[tuple[str, str, str], str] = {
-    ("vcd", "batch_equals_rows", "qwen2_vl"): "VCD's noise on Qwen-VL's flattened patches is one draw over the "
-    "batch's patches, so a row's noise depends on the rows batched with it (README, VCD)",
-}
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread

@@ -68,7 +68,7 @@ class Contrast:
     ``kind="pixels", pixels=fn``: the same prompts with altered pixel values (VCD's noised images):
     ``fn(pixel_values) -> pixel_values`` of the same shape, called with the batch's ``pixel_values`` as
     the processor gives them (the family's layout: (n, C, H, W), LLaVA-NeXT's (n, crops, C, H, W),
-    Qwen-VL's flattened patches (N, d), Idefics3's (B, n, C, H, W)). While wrapped, the model's
+    Qwen-VL's flattened patches (N_i, d) one image at a time, Idefics3's (B, n, C, H, W)). While wrapped, the model's
     ``get_image_features`` encodes the batch's images followed by their altered copies.
 
     ``kind="prompt", prompt=fn``: an altered prompt with the same images (ICD's disturbing instruction):

@@ -71,7 +71,7 @@ def diffusion_noise(pixel_values: torch.Tensor, step: int, generator: torch.Gene
 
     One draw of eps per image, shared by every image of the batch (the leading dimension: images, or
     Idefics3's rows), so that a row's noise does not depend on the rows batched with it; Qwen-VL's
-    flattened patches (N, d), which do not say where an image ends, get one draw over all of them."""
+    flattened patches (N, d) arrive one image at a time (``Adapter.alter_pixels``), each with its own call."""
     abar = alpha_bar(step)
     shape = pixel_values.shape if pixel_values.dim() <= 2 else pixel_values.shape[1:]
     eps = torch.randn(shape, generator=generator, dtype=torch.float32).to(pixel_values.device)

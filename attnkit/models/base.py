@@ -346,7 +346,7 @@ class Adapter:
                 continue
             twin = value
             if key == "pixel_values" and pixels is not None:
-                twin = pixels(value)
+                twin = self.alter_pixels(value, pixels, out)
                 if not isinstance(twin, torch.Tensor) or twin.shape != value.shape:
                     got = tuple(twin.shape) if isinstance(twin, torch.Tensor) else type(twin).__name__
                     raise InputError(
@@ -355,6 +355,13 @@ class Adapter:
                 twin = self._keep_padding_images(value, twin.to(value.dtype))
             out[key] = torch.cat([value, twin.to(value.device)], dim=0)
         return out
+
+    def alter_pixels(
+        self, pixel_values: torch.Tensor, pixels: Callable[[torch.Tensor], torch.Tensor], inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """``pixels`` applied to the batch's ``pixel_values`` (the contrast rows' altered images). Default: one
+        call on the whole tensor, whose leading dimension is the images (or the rows)."""
+        return pixels(pixel_values)
 
     def _keep_padding_images(self, pixel_values: torch.Tensor, altered: torch.Tensor) -> torch.Tensor:
         """``altered`` with the batch's padding images (a family's placeholders for absent images) restored."""

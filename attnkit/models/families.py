@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import TransformersCompatError, UnsupportedModelError
+from ..errors import InputError, TransformersCompatError, UnsupportedModelError
 from .base import Adapter, AnyresImage, Grid, VisionFeatures, compact_left, gather_left
 
 
@@ -273,6 +273,23 @@ class Qwen2VLAdapter(Adapter):
     wrap_after = 1
     vision_paths = ("model.visual", "visual")
     positions_1d = False  # mRoPE: image tokens take (t, h, w) positions
+
+    def alter_pixels(self, pixel_values: torch.Tensor, pixels: Callable, inputs: dict[str, Any]) -> torch.Tensor:
+        """Qwen-VL's pixel_values are the batch's patches flattened, (N, d), which do not say where an image
+        ends: ``pixels`` is called once per image (its t*h*w patches, from image_grid_thw), so that an
+        image's alteration does not depend on the images batched with it."""
+        grid = inputs.get("image_grid_thw")
+        if not isinstance(grid, torch.Tensor) or pixel_values.dim() != 2:
+            return pixels(pixel_values)
+        sizes = [int(n) for n in grid.prod(-1).tolist()]
+        if sum(sizes) != pixel_values.shape[0]:
+            raise InputError(
+                f"{self.family}: image_grid_thw describes {sum(sizes)} patches, pixel_values holds {pixel_values.shape[0]}"
+            )
+        parts = [pixels(chunk) for chunk in pixel_values.split(sizes)]
+        if not all(isinstance(p, torch.Tensor) and p.shape == c.shape for p, c in zip(parts, pixel_values.split(sizes))):
+            raise InputError("the contrast's pixels function must return each image's patches in the same shape")
+        return torch.cat(parts, dim=0)
 
     def keep_batch_rows(self, n: int) -> None:
         """The model keeps each row's mRoPE offset (``base_model.rope_deltas``, (B, 1)) for its decode steps; a
