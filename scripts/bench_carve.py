@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+
+from bench import _timed  # scripts/bench.py: synchronises CUDA around the call
 
 
 def main() -> None:
@@ -41,7 +42,6 @@ def main() -> None:
     image = testing.sample_images(1, size=(width, height))[0]
     question = "Is there a dog in the image? Please answer yes or no."
     n = args.new_tokens
-    cuda = args.device.startswith("cuda")
 
     def plain() -> None:
         batch = make_batch(processor, args.family, [question], [image])
@@ -52,20 +52,11 @@ def main() -> None:
     def pipeline() -> None:
         carve.answer(model, processor, image, question, probe_tokens=n, max_new_tokens=n, min_new_tokens=n)
 
-    def timed(fn) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
     plain(), pipeline()  # warm-up
     a, b = [], []
     for _ in range(args.repeats):
-        a.append(timed(plain))
-        b.append(timed(pipeline))
+        a.append(_timed(plain))
+        b.append(_timed(pipeline))
     ratios = [y / x for x, y in zip(a, b)]
     print(f"tiny:{args.family} layers={args.layers} image {width}x{height} new_tokens={n} device={args.device} "
           f"threads={args.threads} repeats={args.repeats}")

@@ -412,3 +412,14 @@ def test_contract_refuses_a_role_with_the_old_signature():
                                  "probs": lambda self, view, probs: probs})
     ok = type("Ok", (Method,), {"logits": lambda self, view, logits, contrast=None: logits})
     assert ok.roles() == frozenset({"logits"})
+
+
+def test_view_row_index():
+    """View.row_index: where a forward row sits in a block's tensor (the observers' 'answering row')."""
+    from attnkit.hooks.context import ForwardState, View
+
+    state = ForwardState(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, q_len=8)
+    state.begin()
+    block = View(state, 0).at(torch.tensor([3, 5, 7]))
+    assert block.row_index(7) == 2 and block.row_index(5) == 1 and block.row_index(4) is None
+    assert View(state, 0).at(None).row_index(7) == 7

@@ -62,15 +62,9 @@ class AnswerAttention(Method):
     def observe(self, view: Any, probs: torch.Tensor) -> None:
         # The kernel may hand over the rows in several blocks (when another method asks for
         # every row): only the block holding the answering row (the forward's last) counts.
-        rows = view.rows
-        last = view.q_len - 1
-        if rows is not None:
-            hit = (rows == last).nonzero()
-            if hit.numel() == 0:
-                return
-            index = int(hit[0, 0])
-        else:
-            index = probs.shape[2] - 1
+        index = view.row_index(view.q_len - 1)
+        if index is None:
+            return
         row = probs[:, :, index, : self.prompt_len].float().mean(1)  # (B, <= prompt_len)
         self.steps[-1][:, : row.shape[1]] += row.cpu()
         self.layer_counts[-1] += 1

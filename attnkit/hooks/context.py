@@ -175,7 +175,9 @@ class View:
     - the layer's own sequence: ``q_len``, ``past_len``, ``kv_len``, ``image_mask`` (B, q_prompt) bool,
       ``attention_mask`` (B, kv) bool padding mask or None, ``image_mask_kv()`` (B, kv_len) bool;
     - ``prompt_image_mask``: the whole prompt's image tokens (before any drop);
-    - ``live_image_mask()``, ``keep_mask()``, ``positions()``: what pruning left (see each).
+    - ``live_image_mask()``, ``keep_mask()``, ``positions()``: what pruning left (see each);
+    - ``row_index(row)``: where the forward's query row ``row`` sits in the callback's tensor (None: not in
+      this block of rows).
     """
 
     __slots__ = ("_f", "_s", "_layer", "_rows", "_visible", "_attend")
@@ -239,6 +241,14 @@ class View:
         if self._attend is None:
             raise RuntimeError("View.attention() can only be called from a select() callback, before any drop")
         return self._attend(hidden, rows)
+
+    def row_index(self, row: int) -> int | None:
+        """During an attention callback: the index, in the tensor the callback got, of the forward's query row
+        ``row`` (e.g. ``view.q_len - 1``, the answering row); None when this block of rows does not hold it."""
+        if self._rows is None:
+            return row
+        hit = (self._rows == row).nonzero()
+        return int(hit[0, 0]) if hit.numel() else None
 
     def at(self, rows=None, visible=None) -> View:
         """The same view for other query rows (what the dispatcher hands each row block)."""

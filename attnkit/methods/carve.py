@@ -233,14 +233,9 @@ class _ImageAttentionProbe(Method):
         return torch.tensor([view.q_len - 1]) if view.q_len > 1 else None
 
     def observe(self, view: Any, probs: torch.Tensor) -> None:
-        rows, last = view.rows, view.q_len - 1
-        if rows is not None:  # the kernel may hand the rows over in blocks: only the last row counts
-            hit = (rows == last).nonzero()
-            if hit.numel() == 0:
-                return
-            index = int(hit[0, 0])
-        else:
-            index = probs.shape[2] - 1
+        index = view.row_index(view.q_len - 1)  # the kernel may hand the rows over in blocks: the last counts
+        if index is None:
+            return
         row = probs[:, :, index, :].float().mean(1)  # (B, K')
         cols = self.image_columns.to(row.device)
         self.steps[-1][self.slot[view.layer]] = row.gather(1, cols).cpu()
