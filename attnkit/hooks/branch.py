@@ -84,12 +84,6 @@ class Packed:
     mask: torch.Tensor
     keep: int | None
 
-    @property
-    def contrast_mask(self) -> torch.Tensor:
-        """(B, width) padding mask of the twins' tokens."""
-        b = self.mask.shape[0] // 2
-        return self.mask[b:, self.q_len - self.width :]
-
 
 class ContrastBranch:
     """Builds the extended inputs of each forward for one Contrast and remembers the rows' attention mask."""

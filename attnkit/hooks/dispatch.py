@@ -124,9 +124,7 @@ def _packed(handle: Handle, module, layer: int, query, key, value, attention_mas
         out = main.new_zeros(2 * bsz, q_len, *main.shape[2:])
         out[:bsz] = main
         out[bsz:, q_len - width :] = twin
-        view = View(handle.state, layer).at(torch.arange(q_len, device=dev))
-        for fn in roles.head_output:
-            out = fn(view, out)
+        out = fast.apply_head_output(roles, View(handle.state, layer), out)
         return torch.cat([out[:bsz], out[bsz:, q_len - width :]], dim=1).contiguous(), None
     state = handle.state
     mask = state.packed_masks[-1] if state.packed_masks is not None and len(state.packed_masks) > 5 else None

@@ -60,9 +60,12 @@ def single_row(call: Call, roles: Roles, view: View, visible) -> tuple:
 def head_output(call: Call, roles: Roles, view: View, state: ForwardState, opts: KernelOptions) -> torch.Tensor:
     """(B, q, H, D) for a layer whose only roles are ``head_output``: fused attention of every row (``sdpa``,
     the padded-group form included), then each role on every row."""
-    out = sdpa(call, state, opts)
-    rows = torch.arange(call.query.shape[2], device=call.query.device)
-    v = view.at(rows)
+    return apply_head_output(roles, view, sdpa(call, state, opts))
+
+
+def apply_head_output(roles: Roles, view: View, out: torch.Tensor) -> torch.Tensor:
+    """The ``head_output`` roles on the fused output (B, q, H, D) of every row of the forward."""
+    v = view.at(torch.arange(out.shape[1], device=out.device))
     for fn in roles.head_output:
         out = fn(v, out)
     return out

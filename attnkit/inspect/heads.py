@@ -68,8 +68,9 @@ class HeadReport:
 
     def selected(self, index: int = 0) -> dict[int, list[int]]:
         """``{layer: [heads]}`` of the heads selected for prompt ``index`` (layers without any left out)."""
-        rows = self.heads[index]
-        return {layer: row.nonzero().flatten().tolist() for layer, row in enumerate(rows) if bool(row.any())}
+        from attnkit.methods.vhr import head_set
+
+        return head_set(self.heads[index])
 
 
 def head_report(

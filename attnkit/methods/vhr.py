@@ -58,6 +58,11 @@ def load_head_set(source: Any, method: str = "vhr") -> dict[int, list[int]]:
     return dict(sorted(out.items()))
 
 
+def head_set(chosen: torch.Tensor) -> dict[int, list[int]]:
+    """``{layer: [heads]}`` of a (layers, heads) bool selection, layers without any left out."""
+    return {layer: row.nonzero().flatten().tolist() for layer, row in enumerate(chosen.cpu()) if bool(row.any())}
+
+
 @dataclasses.dataclass
 class VHRConfig(MethodConfig):
     """alpha: scale of the chosen heads' outputs (1 = off); last_layers: reinforce in the last N layers (None =
@@ -233,8 +238,5 @@ class VHR(Method):
         heads = self.state().get("heads")
         if heads is None:
             return None
-        rows = [
-            {layer: row[layer].nonzero().flatten().tolist() for layer in range(row.shape[0]) if bool(row[layer].any())}
-            for row in heads.cpu()
-        ]
+        rows = [head_set(row) for row in heads]
         return rows[0] if len(rows) == 1 else rows
