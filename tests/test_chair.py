@@ -481,3 +481,55 @@ def test_task_errors(tmp_path):
         ChairTask(tmp_path / "nowhere").load()
     with pytest.raises(DataError, match="num_images"):
         ChairTask(tmp_path, num_images=0)
+
+
+# ----------------------------------------------------------------------------- ChairTask: a saved image-id list
+
+
+@pytest.mark.parametrize("text", ["6\n2\n\n# a comment\n4\n", "[6, 2, 4]", '["6", 2, 4]'])
+def test_task_image_ids_file_fixes_the_images_in_order(coco, tmp_path, text):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(text)
+    for seed in (0, 1):  # the seed no longer picks the images
+        task = ChairTask(coco, num_images=2, seed=seed, image_ids=ids)
+        assert [s.meta["image_id"] for s in task.load()] == [6, 2, 4]
+        assert task.num_images == 3
+    config = task.config()
+    assert config["image_ids"] == [6, 2, 4] and config["image_ids_file"] == str(ids)
+    assert "image_ids" not in ChairTask(coco).config()  # unchanged when no list is given (old runs resume)
+    assert [s.meta["image_id"] for s in ChairTask(coco, image_ids=[5, 1]).load()] == [5, 1]
+
+
+def test_task_image_ids_from_options(coco, tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text("[3, 1]")
+    options = chair.ChairOptions(annotations=str(coco), image_ids=str(ids), prompt="Describe it.")
+    samples = ChairTask.from_options(options, seed=4).load()
+    assert [s.meta["image_id"] for s in samples] == [3, 1]
+    assert {s.question for s in samples} == {"Describe it."}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1\n2\nabc\n", r"ids.txt line 3: image id must be an integer, got 'abc'"),
+    ("1\n-4\n", r"ids.txt line 2: image id must be an integer, got '-4'"),
+    ("1\n\n2\n1\n", r"ids.txt line 4: image id 1 appears twice \(first at .*ids.txt line 1\)"),
+    ("[1, 2.5]", r"ids.txt item 2: image id must be an integer, got 2.5"),
+    ("[1, true]", r"ids.txt item 2: image id must be an integer, got True"),
+    ("[1,\n 2,,]", r"ids.txt line 2: invalid JSON"),
+    ("# nothing\n\n", r"ids.txt: no image ids"),
+])
+def test_task_image_ids_file_errors_name_file_and_line(coco, tmp_path, text, message):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(text)
+    with pytest.raises(DataError, match=message):
+        ChairTask(coco, image_ids=ids)
+
+
+def test_task_image_ids_not_in_the_annotations(coco, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1\n2\n99\n")
+    task = ChairTask(coco, image_ids=ids)  # read at once; checked against the annotations when loading
+    with pytest.raises(DataError, match=r"ids.txt line 3: image id 99 is not an image of .*instances_val2014.json"):
+        task.load()
+    with pytest.raises(DataError, match="CHAIR image id file not found"):
+        ChairTask(coco, image_ids=tmp_path / "missing.txt")

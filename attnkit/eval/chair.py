@@ -558,6 +558,48 @@ def format_summary(metrics: dict[str, Any]) -> str:
     ])
 
 
+def read_image_ids(path: str | Path) -> list[tuple[int, str]]:
+    """The image ids of a saved list, in order, each with where it was read (``FILE line N`` / ``FILE item N``).
+
+    The file holds one integer id per line (blank lines and lines starting with ``#`` are skipped) or a
+    JSON list of integers (e.g. a run's ``image_ids.json``). DataError naming the file and line (or item)
+    for an id that is not an integer or appears twice, and for an empty list."""
+    src = Path(path).expanduser()
+    try:
+        text = src.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"CHAIR image id file not found: {src}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read CHAIR image id file {src}: {e}") from None
+    entries: list[tuple[Any, str]] = []
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{src} line {e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{src}: expected a JSON list of image ids")
+        entries = [(v, f"{src} item {k}") for k, v in enumerate(data, 1)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            value = line.strip()
+            if value and not value.startswith("#"):
+                entries.append((value, f"{src} line {lineno}"))
+    out: list[tuple[int, str]] = []
+    first: dict[int, str] = {}
+    for value, where in entries:
+        if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value):
+            raise DataError(f"{where}: image id must be an integer, got {value!r}")
+        image_id = _int_id(value, where)
+        if image_id in first:
+            raise DataError(f"{where}: image id {image_id} appears twice (first at {first[image_id]})")
+        first[image_id] = where
+        out.append((image_id, where))
+    if not out:
+        raise DataError(f"{src}: no image ids")
+    return out
+
+
 # ----------------------------------------------------------------------------- task
 
 
@@ -570,6 +612,9 @@ class ChairOptions:
     image_dir: str | None = option(None, help="images (default: SPLIT/ or images/ next to the annotations dir)")
     split: str | None = option(None, help="COCO split (default val2014)")
     num_images: int = option(500, help="images sampled from the split (with --seed)", lo=1)
+    image_ids: str | None = option(None, help="file of the image ids to caption, in order, instead of sampling "
+                                              "--num-images: one id per line or a JSON list")
+    prompt: str = option(DEFAULT_PROMPT, help="the instruction asked with each image")
     vocab: str | None = option(None, help="vocabulary JSON ({category: [synonyms]}) of a non-COCO set "
                                           "(default COCO's)")
 
@@ -578,6 +623,8 @@ class ChairOptions:
 class ChairTask(Task):
     """CHAIR over ``num_images`` images sampled from a COCO split, one detailed-description prompt each.
 
+    ``image_ids`` (a file of ids, see ``read_image_ids``, or a list) fixes the images instead, in that order:
+    the same captioned set for every seed, e.g. a paper's released list; ``num_images`` is then its length.
     ``annotations_dir`` holds ``instances_{split}.json`` and ``captions_{split}.json``. Images are
     looked up in ``image_dir``; by default ``<annotations_dir>/../{split}`` if it exists, else
     ``<annotations_dir>/../images`` if it exists, else ``annotations_dir`` itself.
@@ -594,7 +641,7 @@ class ChairTask(Task):
         if annotations is None:
             raise DataError("--task chair needs --annotations (the COCO annotations dir)")
         return cls(annotations, options.image_dir, split=options.split or "val2014", num_images=options.num_images,
-                   seed=seed, vocab=options.vocab)
+                   seed=seed, prompt=options.prompt, vocab=options.vocab, image_ids=options.image_ids)
 
     def __init__(
         self,
@@ -607,9 +654,21 @@ class ChairTask(Task):
         prompt: str = DEFAULT_PROMPT,
         cache_dir: str | Path | None = None,
         vocab: str | Path | Vocabulary | None = None,
+        image_ids: str | Path | Sequence[int] | None = None,
     ) -> None:
         if not isinstance(num_images, int) or num_images < 1:
             raise DataError(f"CHAIR num_images must be a positive integer, got {num_images!r}")
+        self.image_ids_file: str | None = None
+        self._fixed_ids: list[tuple[int, str]] | None = None  # (id, where it was read) when the ids are given
+        if image_ids is not None:
+            if isinstance(image_ids, (str, Path)):
+                self.image_ids_file = str(image_ids)
+                self._fixed_ids = read_image_ids(image_ids)
+            else:
+                self._fixed_ids = [(_int_id(v, f"image_ids[{k}]"), f"image_ids[{k}]") for k, v in enumerate(image_ids)]
+                if not self._fixed_ids:
+                    raise DataError("CHAIR image_ids: the list is empty")
+            num_images = len(self._fixed_ids)
         self.annotations_dir = Path(annotations_dir).expanduser()
         if image_dir is None:
             image_dir = coco_image_dir(self.annotations_dir, split)
@@ -630,8 +689,14 @@ class ChairTask(Task):
         images = {_int_id(k, f"{instances} images"): v for k, v in _read_coco(instances).imgs.items()}
         if not images:
             raise DataError(f"{instances}: no images")
-        ids = sorted(images)
-        chosen = ids if self.num_images >= len(ids) else random.Random(self.seed).sample(ids, self.num_images)
+        if self._fixed_ids is not None:
+            for image_id, where in self._fixed_ids:
+                if image_id not in images:
+                    raise DataError(f"{where}: image id {image_id} is not an image of {instances}")
+            chosen = [i for i, _ in self._fixed_ids]
+        else:
+            ids = sorted(images)
+            chosen = ids if self.num_images >= len(ids) else random.Random(self.seed).sample(ids, self.num_images)
         out = []
         for image_id in chosen:
             file_name = images[image_id].get("file_name")
@@ -678,9 +743,13 @@ class ChairTask(Task):
         return {"chair_per_caption.jsonl": self._score(records)[1], "image_ids.json": list(ids)}
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "split": self.split, "num_images": self.num_images, "seed": self.seed,
-                "prompt": self.prompt, "annotations_dir": str(self.annotations_dir), "vocab": self.vocab.name,
-                "vocab_file": self.vocab_file}
+        out = {"task": self.name, "split": self.split, "num_images": self.num_images, "seed": self.seed,
+               "prompt": self.prompt, "annotations_dir": str(self.annotations_dir), "vocab": self.vocab.name,
+               "vocab_file": self.vocab_file}
+        if self._fixed_ids is not None:  # only then, so that runs made before this option still resume
+            out["image_ids"] = [i for i, _ in self._fixed_ids]
+            out["image_ids_file"] = self.image_ids_file
+        return out
 
     def summary(self, metrics: dict[str, Any]) -> str:
         return format_summary(metrics)

@@ -124,5 +124,6 @@ def testbed_task(name: str, options: Any, *, seed: int = 0) -> Any:
         raise AttnkitError(f"--split {options.split}: the testbed ships only its {testbed.SPLIT!r} split")
     if name == "chair":
         kw = {"vocab": options.vocab} if options.vocab is not None else {}
-        return testbed.chair_task(min(options.num_images, testbed.N_VAL), seed=seed, **kw)
+        return testbed.chair_task(min(options.num_images, testbed.N_VAL), seed=seed, prompt=options.prompt,
+                                  image_ids=options.image_ids, **kw)
     return testbed.grounding_task(layers=options.layers, suffix=options.suffix)
