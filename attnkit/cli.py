@@ -263,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = RunSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                            seed=args.seed, resume=args.resume, skip_missing=args.skip_missing,
                            progress=not args.no_progress, do_sample=args.do_sample,
-                           temperature=args.temperature, top_p=args.top_p)
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code, seed=args.seed)
     from .eval import get_task_class
@@ -484,6 +484,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
     e.add_argument("--temperature", type=float, default=None)
     e.add_argument("--top-p", type=float, default=None)
+    e.add_argument("--top-k", type=int, default=None,
+                   help="with --do-sample: keep the K most likely tokens (0: no top-k filter; default: the model's "
+                        "generation config, transformers' 50)")
     e.add_argument("--output", required=True, help="run directory (samples.jsonl, results.json)")
     e.add_argument("--resume", action="store_true", help="continue the run in --output, skipping logged ids")
     e.add_argument("--skip-missing", action="store_true", help="skip samples whose image file is missing")

@@ -204,3 +204,19 @@ def test_sampling_is_opt_in_and_seeded(tmp_path):
     assert run["generation"] == {"do_sample": True, "temperature": 2.0}
     with pytest.raises(DataError, match="need --do-sample"):
         RunSettings(temperature=0.5)
+    with pytest.raises(DataError, match="need --do-sample"):
+        RunSettings(top_k=0)
+    with pytest.raises(DataError, match="--top-k must be an integer >= 0"):
+        RunSettings(do_sample=True, top_k=-1)
+
+
+def test_top_k_reaches_generate(tmp_path):
+    """top_k=1 samples the most likely token only: the same output as greedy, whatever the seed; top_k=0 keeps
+    every token (no filter), so high-temperature sampling leaves greedy."""
+    _run(tmp_path, "greedy", max_new_tokens=6)
+    _run(tmp_path, "k1", max_new_tokens=6, do_sample=True, temperature=5.0, top_k=1, seed=3)
+    _run(tmp_path, "k0", max_new_tokens=6, do_sample=True, temperature=5.0, top_k=0, seed=3)
+    assert _outputs(tmp_path / "k1") == _outputs(tmp_path / "greedy")
+    assert _outputs(tmp_path / "k0") != _outputs(tmp_path / "greedy")
+    run = json.loads((tmp_path / "k0" / "run.json").read_text())
+    assert run["generation"] == {"do_sample": True, "temperature": 5.0, "top_k": 0}

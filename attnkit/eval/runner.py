@@ -49,6 +49,7 @@ class RunSettings:
     do_sample: bool = False  # greedy unless asked; sampling draws from torch's RNG seeded with ``seed``
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # None: the model's generation config (transformers' default is 50); 0: no top-k
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -57,12 +58,14 @@ class RunSettings:
             raise DataError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise DataError(f"--limit must be >= 1, got {self.limit}")
-        if (self.temperature is not None or self.top_p is not None) and not self.do_sample:
-            raise DataError("--temperature/--top-p need --do-sample (decoding is greedy otherwise)")
+        if (self.temperature is not None or self.top_p is not None or self.top_k is not None) and not self.do_sample:
+            raise DataError("--temperature/--top-p/--top-k need --do-sample (decoding is greedy otherwise)")
         if self.temperature is not None and self.temperature <= 0:
             raise DataError(f"--temperature must be > 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise DataError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise DataError(f"--top-k must be an integer >= 0 (0: no top-k filter), got {self.top_k!r}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"do_sample": self.do_sample}
@@ -70,6 +73,8 @@ class RunSettings:
             kw["temperature"] = self.temperature
         if self.top_p is not None:
             kw["top_p"] = self.top_p
+        if self.top_k is not None:
+            kw["top_k"] = self.top_k
         return kw
 
 
