@@ -1,5 +1,5 @@
-"""Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task), ``chair`` (score captions) and
-``heads`` (VHR's head divergence of one image and prompt)."""
+"""Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task), ``reproduce`` (a paper's table from a
+config), ``chair`` (score captions) and ``heads`` (VHR's head divergence of one image and prompt)."""
 
 from __future__ import annotations
 
@@ -235,16 +235,11 @@ def _prescan(argv: list[str]) -> tuple[str | None, list[str]]:
 def _make_task(args: argparse.Namespace) -> Any:
     """The task of ``--task`` built from its declared options (the testbed's bundled data with ``--model testbed``)."""
     from .eval import get_task_class
+    from .eval.registry import task_for_model
 
     cls = get_task_class(args.task)
     options = _task_options(cls.name, args)
-    if args.model == "testbed":
-        from .testbed.tasks import testbed_task
-
-        task = testbed_task(cls.name, options, seed=args.seed)
-        if task is not None:
-            return task
-    return cls.from_options(options, seed=args.seed)
+    return task_for_model(cls.name, options, seed=args.seed, model_id=args.model)
 
 
 def _method_flag_pairs(args: argparse.Namespace) -> list[str]:
@@ -276,6 +271,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if _method_flag_pairs(args):
         config["method_flags"] = _method_flag_pairs(args)
     run_task(task, model, processor, methods, args.output, settings, model_id=args.model, config=config)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Run a paper-table config (``configs/*.yaml``): every row on every task and seed, then table.md/table.json."""
+    from .eval import reproduce
+
+    config = reproduce.load_config(reproduce.find_config(args.config))
+    rows = [r.strip() for r in (args.rows or "").split(",") if r.strip()] or None
+    if args.limit is not None and args.limit < 1:
+        raise AttnkitError(f"--limit must be >= 1, got {args.limit}")
+    reproduce.select_rows(config, rows)  # unknown --rows names fail before anything else
+    if args.dry_run:
+        print(reproduce.describe_plan(config, limit=args.limit, rows=rows, output=args.output))
+        return 0
+    if args.output is None:
+        raise AttnkitError("reproduce: --output DIR is required (the runs and the table are written there); "
+                           "--dry-run prints the plan without it")
+    table = reproduce.run(config, args.output, limit=args.limit, rows=rows, progress=not args.no_progress)
+    from pathlib import Path
+
+    print(reproduce.table_markdown(table))
+    print(f"written: {Path(args.output) / reproduce.TABLE_MD}, {Path(args.output) / reproduce.TABLE_JSON}")
     return 0
 
 
@@ -497,6 +515,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     if declared:
         _add_declared_flags(e, task, methods)
+
+    r = sub.add_parser(
+        "reproduce", help="reproduce a paper's table from a YAML config (configs/): every row, task and seed",
+        description="Run every row of a config (the baseline and the methods, with their arguments) on every task "
+                    "and seed through the eval runner, one directory per run (DIR/ROW/TASK/seedS, resumable: a "
+                    "run that finished is not run again, a killed one continues), then write DIR/table.md and "
+                    "DIR/table.json: per metric, the paper's number, ours (mean ± std over the seeds) and the "
+                    "difference. The config format is in attnkit/eval/reproduce.py and the README.")
+    r.add_argument("config", help="a YAML config: a path, or a name in configs/ (e.g. quickstart)")
+    r.add_argument("--output", default=None, metavar="DIR", help="where the runs and the table go (required "
+                                                                  "unless --dry-run)")
+    r.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples of each run "
+                                                                        "(a smoke test: not comparable with the paper)")
+    r.add_argument("--rows", default=None, metavar="NAME,...", help="run only these rows (comma-separated)")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the plan (tasks, rows, runs, sample "
+                                                          "counts, forward passes); loads no model")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_reproduce)
 
     c = sub.add_parser("chair", help="score captions produced elsewhere with CHAIR")
     c.add_argument("captions", help="JSONL (or JSON list) of {image_id, caption}")

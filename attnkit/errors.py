@@ -50,3 +50,8 @@ class UnsupportedCacheError(AttnkitError, ValueError):
 class BypassedError(AttnkitError, RuntimeError):
     """The wrapped model no longer routes its attention through attnkit (its attention implementation
     was changed after wrap())."""
+
+
+class ConfigError(AttnkitError, ValueError):
+    """A config file (``attnkit reproduce``) that cannot be read or does not validate; the message names the
+    file and the key path (``configs/x.yaml: rows[2].methods[0].alpha: ...``)."""

@@ -77,4 +77,17 @@ def make_task(name: str, options: Any = None, *, seed: int = 0, **kwargs: Any) -
     return cls.from_options(options, seed=seed)
 
 
-__all__ = ["UnknownTaskError", "get_task_class", "list_tasks", "make_task", "register_task"]
+def task_for_model(name: str, options: Any, *, seed: int = 0, model_id: str = "") -> Task:
+    """The task ``name`` from its ``Options`` as ``attnkit eval --model MODEL_ID`` builds it: with the testbed
+    (``model_id == "testbed"``) and no data given, on the testbed's bundled data; else ``from_options``."""
+    cls = get_task_class(name)
+    if model_id == "testbed":
+        from ..testbed.tasks import testbed_task
+
+        task = testbed_task(cls.name, options, seed=seed)
+        if task is not None:
+            return task
+    return cls.from_options(options, seed=seed)
+
+
+__all__ = ["UnknownTaskError", "get_task_class", "list_tasks", "make_task", "register_task", "task_for_model"]
