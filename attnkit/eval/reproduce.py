@@ -684,7 +684,7 @@ def describe_plan(config: ReproConfig, *, limit: int | None = None, rows: list[s
     lines.append(f"total: {len(todo)} runs, {total_samples:,} samples, <= {total_passes:,} forward passes{more}; "
                  "contrast rows (VCD, VHR, ...) are extra batch rows of the same passes")
     if limit is not None:
-        lines.append(f"--limit {limit}: the numbers will not be comparable with the paper's")
+        lines.append(f"--limit {limit}: a smoke test, not comparable with the paper")
     return "\n".join(lines)
 
 
