@@ -603,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attnkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("attnkit: interrupted (an eval run continues with --resume)", file=sys.stderr)
+        print("attnkit: interrupted (an eval run continues with --resume, a reproduce run when started again)",
+              file=sys.stderr)
         return 130
 
 

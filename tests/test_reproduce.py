@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
 import statistics
 from pathlib import Path
@@ -14,8 +16,10 @@ import pytest
 import attnkit.loading
 from attnkit import cli, testbed
 from attnkit.errors import ConfigError, DataError, OutputError
-from attnkit.eval import reproduce
+from attnkit.eval import Sample, Task, register_task, reproduce
+from attnkit.eval import registry as task_registry
 from attnkit.eval.records import read_jsonl
+from attnkit.options import option
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,17 +212,24 @@ def test_dry_run_loads_no_model_and_prints_the_plan(tmp_path, capsys, monkeypatc
 
 def test_dry_run_without_data_says_where_counts_come_from(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(attnkit.loading, "load_model", lambda *a, **kw: pytest.fail("loaded a model"))
-    path = write(tmp_path, """\
-model: {id: llava-hf/llava-1.5-7b-hf, dtype: float16}
+    (tmp_path / "ids.txt").write_text("5\n9\n7\n")
+    path = write(tmp_path, f"""\
+model: {{id: llava-hf/llava-1.5-7b-hf, dtype: float16}}
 tasks:
   - name: chair
-    options: {annotations: nowhere/annotations, num_images: 500}
+    options: {{annotations: nowhere/annotations, num_images: 500}}
     seeds: [0, 1]
-    decoding: {max_new_tokens: 512}
+    decoding: {{max_new_tokens: 512}}
   - name: pope
-    options: {data_dir: nowhere/data/pope, split: all}
+    options: {{data_dir: nowhere/data/pope, split: all}}
+  - name: chair_ids
+    task: chair
+    options: {{annotations: nowhere/annotations, image_ids: {tmp_path / "ids.txt"}}}
 rows:
   - name: baseline
+    tasks: [chair, pope]
+  - name: fixed
+    tasks: [chair_ids]
 """)
     assert cli.main(["reproduce", str(path), "--dry-run", "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
@@ -227,7 +238,8 @@ rows:
     # ceil(500 / 8) batches x 512 new tokens
     assert "  baseline / chair / seed 1: 500 samples, <= 32,256 forward passes; new" in out
     assert "  baseline / pope / seed 0: unknown samples; new" in out
-    assert "total: 3 runs, 1,000 samples, <= 64,512 forward passes (+ 1 runs of unknown size)" in out
+    assert "chair_ids: task chair, seeds 0, greedy, max_new_tokens 512, batch 8; 3 samples per run (num_images" in out
+    assert "total: 4 runs, 1,003 samples, <= 65,024 forward passes (+ 1 runs of unknown size)" in out
     assert not (tmp_path / "out").exists()
 
 
@@ -379,3 +391,97 @@ def test_table_mean_std_delta_from_known_per_seed_metrics(tmp_path):
     with pytest.raises(DataError, match=r"tasks\[1\]\.metrics\.CHAIR_s\.path: 'CHAIR_s' in the metrics of task chair "
                                         r"is not a number"):
         reproduce.build_table(config, bad)
+
+
+# ----------------------------------------------------------------------------- a task registered later
+
+
+@dataclasses.dataclass
+class BlankOptions:
+    count: int = option(2, help="questions", lo=1, hi=5)
+    sizes: list[int] | None = option(None, help="image sizes", lo=8)
+    shout: bool = option(False, help="upper-case")
+    mode: str = option("plain", help="how", choices=("plain", "fancy"))
+
+
+class BlankTask(Task):
+    """``count`` questions about blank images; metrics nested one level."""
+
+    name = "blank"
+    Options = BlankOptions
+    default_max_new_tokens = 2
+
+    def __init__(self, count=2, sizes=None, shout=False, mode="plain"):
+        self.count, self.sizes, self.shout, self.mode = count, sizes, shout, mode
+
+    def load(self):
+        from PIL import Image
+
+        size = (self.sizes or [32])[0]
+        return [Sample(str(i), Image.new("RGB", (size, size), "white"), "IS THERE A CIRCLE?" if self.shout
+                       else "Is there a circle?") for i in range(self.count)]
+
+    def score(self, records):
+        return {"summary": {"answered": sum(bool(r["output"]) for r in records) / len(records)}}
+
+
+BLANK = """\
+model: {id: testbed}
+tasks:
+  - name: blank
+    options: {count: 3, sizes: [16, 24], shout: true, mode: fancy}
+    metrics:
+      answered: {path: summary.answered, scale: 100}
+rows:
+  - name: baseline
+"""
+
+
+def test_a_task_registered_later_is_validated_from_its_options(tmp_path, monkeypatch, load_calls):
+    task_registry._load()
+    monkeypatch.setattr(task_registry, "_REGISTRY", dict(task_registry._REGISTRY))
+    register_task(BlankTask)
+    config = reproduce.load_config(write(tmp_path, BLANK))
+    options = config.tasks["blank"].options
+    assert (options.count, options.sizes, options.shout, options.mode) == (3, [16, 24], True, "fancy")
+    for old, new, message in [
+        ("count: 3", "count: 9", r"tasks\[0\]\.options\.count: count=9 is out of range \[1, 5\]"),
+        ("sizes: [16, 24]", "sizes: [4]", r"tasks\[0\]\.options\.sizes: sizes=\[4\] is out of range"),
+        ("sizes: [16, 24]", "sizes: [a]", r"tasks\[0\]\.options\.sizes: expected list of int or none"),
+        ("mode: fancy", "mode: odd", r"tasks\[0\]\.options\.mode: mode='odd' must be one of plain, fancy"),
+        ("shout: true", "shout: 2", r"tasks\[0\]\.options\.shout: expected true/false, got int 2"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            reproduce.load_config(write(tmp_path, BLANK.replace(old, new), "bad.yaml"))
+    table = reproduce.run(config, tmp_path / "out", progress=False, log=lambda m: None)
+    records = read_jsonl(tmp_path / "out" / "baseline" / "blank" / "seed0" / "samples.jsonl")
+    assert [r["prompt"] for r in records] == ["IS THERE A CIRCLE?"] * 3
+    answered = 100 * sum(bool(r["output"]) for r in records) / 3
+    assert [(e["metric"], e["mean"]) for e in table["entries"]] == [("answered", answered)]
+
+
+def test_dry_run_counts_samples_offline(tmp_path, monkeypatch, capsys):
+    """A dry run never downloads: while it counts samples, the hub and datasets are in offline mode."""
+    import huggingface_hub.constants
+
+    seen = []
+
+    class Probe(BlankTask):
+        name = "probe"
+
+        def load(self):
+            seen.append((os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"),
+                         huggingface_hub.constants.HF_HUB_OFFLINE))
+            return super().load()
+
+    task_registry._load()
+    monkeypatch.setattr(task_registry, "_REGISTRY", dict(task_registry._REGISTRY))
+    register_task(Probe)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    path = write(tmp_path, BLANK.replace("  - name: blank\n", "  - name: blank\n    task: probe\n"))
+    assert cli.main(["reproduce", str(path), "--dry-run"]) == 0
+    assert "3 samples per run" in capsys.readouterr().out
+    assert seen == [("1", "1", True)]
+    assert "HF_HUB_OFFLINE" not in os.environ and huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored

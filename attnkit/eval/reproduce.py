@@ -52,6 +52,7 @@ deviation (n - 1; none for one seed); delta = ours - paper.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -62,7 +63,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import AttnkitError, ConfigError, DataError, OutputError
 
@@ -602,15 +603,43 @@ def _build_task(config: ReproConfig, label: str, seed: int) -> Any:
     return task_for_model(spec.task, spec.options, seed=seed, model_id=config.model.id)
 
 
-def _count(config: ReproConfig, label: str) -> tuple[int | None, str]:
-    """(samples of the task at its first seed, "" ) from its data, or (count from the config or None, why)."""
-    spec = config.tasks[label]
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Hugging Face hub and datasets in offline mode for the duration (the environment variables, and the
+    flags of those libraries where already imported): a dry run reads local data and caches, never downloads."""
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    flags = [(m, attr) for m, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                                        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")))
+             if m in sys.modules for attr in attrs if hasattr(sys.modules[m], attr)]
+    saved = [(m, attr, getattr(sys.modules[m], attr)) for m, attr in flags]
     try:
-        task = _build_task(config, label, spec.seeds[0])
-        return len(task.load()), ""
+        os.environ.update({k: "1" for k in env})
+        for m, attr, _ in saved:
+            setattr(sys.modules[m], attr, True)
+        yield
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for m, attr, value in saved:
+            setattr(sys.modules[m], attr, value)
+
+
+def _count(config: ReproConfig, label: str) -> tuple[int | None, str]:
+    """(samples of the task at its first seed, "" ) from its data, or (count from the config or None, why).
+    Offline: a dataset that is neither local nor cached counts as missing."""
+    spec = config.tasks[label]
+    task = None
+    try:
+        with _offline():
+            task = _build_task(config, label, spec.seeds[0])
+            return len(task.load()), ""
     except AttnkitError as e:
         reason = _one_line(e)
-    planned = getattr(spec.options, "num_images", None)
+    # the task's planned size where it has one (CHAIR: num_images, or the length of its image_ids list)
+    planned = getattr(task, "num_images", getattr(spec.options, "num_images", None))
     if isinstance(planned, int) and not isinstance(planned, bool):
         return planned, f"num_images from the config; data not read: {reason}"
     return None, f"data not read: {reason}"
@@ -666,8 +695,6 @@ def describe_plan(config: ReproConfig, *, limit: int | None = None, rows: list[s
         cap = effective_limit(spec, limit)
         if n is not None and cap is not None:
             n = min(n, cap)
-        elif n is None and cap is not None:
-            n = None
         dec = config.decodings[(u.row, u.task)]
         max_new = dec.max_new_tokens or spec.task_class.default_max_new_tokens
         if n is None:
