@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 import attnkit.loading
 from attnkit import cli, testbed
@@ -108,6 +109,18 @@ def test_paper_configs_carry_the_published_numbers():
     targets = {r.name: r.targets for r in vhr.rows}
     assert sorted(targets["baseline"].values()) == [14.32, 49.68, 84.98]
     assert sorted(targets["vhr"].values()) == [9.71, 33.32, 85.47]
+    # read as plain YAML: these two need the pope parser option and the mme task to validate
+    vcd = yaml.safe_load((REPO / "configs" / "vcd_llava15_7b.yaml").read_text())
+    pope = vcd["tasks"][0]
+    assert pope["options"]["suffix"] == " Please answer this question with one word."
+    assert pope["options"]["parser"] == "vcd" and pope["decoding"]["do_sample"] is True
+    assert [r["targets"]["pope"] for r in vcd["rows"]] == [
+        {"acc_random": 83.29, "acc_popular": 81.88, "acc_adversarial": 78.96},
+        {"acc_random": 87.73, "acc_popular": 85.38, "acc_adversarial": 80.88}]
+    fastv = yaml.safe_load((REPO / "configs" / "fastv_llava15_7b.yaml").read_text())
+    assert fastv["tasks"][0]["task"] == "mme" and fastv["rows"][1]["methods"] == [
+        {"name": "fastv", "k": 3, "r": 0.5, "mode": "drop"}]
+    assert [r["targets"]["mme"]["perception"] for r in fastv["rows"]] == [1510.8, 1511.7]
 
 
 # ----------------------------------------------------------------------------- validation errors
@@ -153,6 +166,19 @@ def test_bad_config_is_one_line_naming_the_key_path(tmp_path, edit, where, messa
     assert "\n" not in text
     assert text.startswith(f"{path}: ")
     assert re.search(rf"^{re.escape(str(path))}: {where}: .*{message}", text), text
+
+
+def test_row_decoding_overrides_the_task_s_key_by_key(tmp_path):
+    text = SMALL.replace("    batch_size: 1", "    batch_size: 1\n    decoding: {do_sample: true, temperature: 0.7}")
+    config = reproduce.load_config(write(tmp_path, text.replace(
+        "      - {name: vhr, alpha: 2.0}\n", "      - {name: vhr, alpha: 2.0}\n    decoding: {temperature: 1.5, top_k: 0}\n")))
+    assert config.decodings[("baseline", "pope")] == reproduce.Decoding(do_sample=True, temperature=0.7)
+    assert config.decodings[("vhr", "pope")] == reproduce.Decoding(do_sample=True, temperature=1.5, top_k=0)
+    greedy_row = text.replace("      - {name: vhr, alpha: 2.0}\n",
+                              "      - {name: vhr, alpha: 2.0}\n    decoding: {do_sample: false}\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: tasks\[0\]\.decoding\.temperature: only with do_sample: true "
+                                          r".*do_sample is set at rows\[1\]\.decoding\.do_sample"):
+        reproduce.load_config(write(tmp_path, greedy_row))
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -313,8 +313,8 @@ def _typed(check: _Checker, spec: Any, value: Any, where: str) -> Any:
 
 
 def find_config(name: str | Path) -> Path:
-    """The config file ``name``: a path, or a name (with or without ``.yaml``) in ``./configs/`` or in the
-    ``configs/`` of the attnkit checkout this package runs from. ConfigError if none exists."""
+    """The config file ``name``: a path, or a name (with or without ``.yaml``) in ``./configs/`` (or one
+    folder below) or in the ``configs/`` of the attnkit checkout this package runs from. ConfigError if none."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -324,18 +324,19 @@ def find_config(name: str | Path) -> Path:
     if len(path.parts) == 1:
         stem = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
         for folder in (Path.cwd() / CONFIGS_DIR, REPO_ROOT / CONFIGS_DIR):
-            candidate = folder / stem
             tried.append(str(folder))
-            if candidate.is_file():
-                return candidate
+            found = [folder / stem, *sorted(folder.glob(f"*/{stem}"))] if folder.is_dir() else []
+            for candidate in found:
+                if candidate.is_file():
+                    return candidate
     where = f" (also looked in {', '.join(dict.fromkeys(tried))})" if tried else ""
     raise ConfigError(f"config not found: {name}{where}")
 
 
 def shipped_configs() -> list[Path]:
-    """The YAML configs of the checkout's ``configs/`` directory, sorted."""
+    """The YAML configs of the checkout's ``configs/`` directory and its subfolders, sorted."""
     folder = REPO_ROOT / CONFIGS_DIR
-    return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
+    return sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]) if folder.is_dir() else []
 
 
 def load_config(path: str | Path) -> ReproConfig:
@@ -374,7 +375,7 @@ def load_config(path: str | Path) -> ReproConfig:
         for label in row.tasks:
             task = tasks[label]
             merged = {**task.decoding, **row.decoding}
-            where = f"{row.where}.decoding" if row.decoding else f"{task.where}.decoding"
+            where = {k: f"{row.where if k in row.decoding else task.where}.decoding" for k in _DECODING_KEYS}
             config.decodings[(row.name, label)] = _decoding(check, merged, where)
     return config
 
@@ -450,25 +451,32 @@ def _tasks(check: _Checker, value: Any) -> dict[str, TaskSpec]:
     return out
 
 
-def _decoding(check: _Checker, d: dict[str, Any], where: str) -> Decoding:
-    do_sample = check.boolean(d.get("do_sample", False), _join(where, "do_sample"))
+def _decoding(check: _Checker, d: dict[str, Any], where: str | dict[str, str]) -> Decoding:
+    """The decoding settings ``d``, checked; ``where``: the key path of the mapping (or one per key, where
+    a row's settings override a task's)."""
+    def at(key: str) -> str:
+        return _join(where[key] if isinstance(where, dict) else where, key)
+
+    do_sample = check.boolean(d.get("do_sample", False), at("do_sample"))
     temperature = top_p = top_k = max_new = None
     if d.get("temperature") is not None:
-        temperature = check.number(d["temperature"], _join(where, "temperature"))
+        temperature = check.number(d["temperature"], at("temperature"))
         if temperature <= 0:
-            raise check.fail(_join(where, "temperature"), f"{_show(d['temperature'])} must be > 0")
+            raise check.fail(at("temperature"), f"{_show(d['temperature'])} must be > 0")
     if d.get("top_p") is not None:
-        top_p = check.number(d["top_p"], _join(where, "top_p"))
+        top_p = check.number(d["top_p"], at("top_p"))
         if not 0 < top_p <= 1:
-            raise check.fail(_join(where, "top_p"), f"{_show(d['top_p'])} must be in (0, 1]")
+            raise check.fail(at("top_p"), f"{_show(d['top_p'])} must be in (0, 1]")
     if d.get("top_k") is not None:
-        top_k = check.integer(d["top_k"], _join(where, "top_k"), lo=0)
+        top_k = check.integer(d["top_k"], at("top_k"), lo=0)
     if d.get("max_new_tokens") is not None:
-        max_new = check.integer(d["max_new_tokens"], _join(where, "max_new_tokens"), lo=1)
+        max_new = check.integer(d["max_new_tokens"], at("max_new_tokens"), lo=1)
     if not do_sample:
         for key in ("temperature", "top_p", "top_k"):
             if d.get(key) is not None:
-                raise check.fail(_join(where, key), "only with do_sample: true (decoding is greedy otherwise)")
+                raise check.fail(at(key), f"only with do_sample: true (decoding is greedy otherwise; do_sample "
+                                          f"is set at {at('do_sample')})" if "do_sample" in d else
+                                 "only with do_sample: true (decoding is greedy otherwise)")
     return Decoding(do_sample, temperature, top_p, top_k, max_new)
 
 
