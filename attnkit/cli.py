@@ -503,6 +503,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML file of an eval (or reproduce) run directory."""
+    from .inspect.report import find_runs, write_report
+
+    out = _output_file(args.out, "report") if args.out is not None else None
+    runs = find_runs(args.run_dir)
+    path = write_report(args.run_dir, out)
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''}: wrote {path}")
+    return 0
+
+
 def _demo_methods() -> tuple[str, ...]:
     from .testbed.demo import DEFAULT_METHODS
 
@@ -670,6 +681,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         c2.add_argument("--device-map", default=None)
         c2.add_argument("--trust-remote-code", action="store_true")
         c2.set_defaults(func=cmd_calibrate)
+
+    r = sub.add_parser("report", help="a run directory (attnkit eval or reproduce) as one self-contained HTML file",
+                       description="Metrics and, per sample, the image (thumbnail), question, answer, label or "
+                                   "hallucinated objects and the grounding overlay; a filter to the wrong answers. "
+                                   "Images are embedded: the file opens from disk with no server or network.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="an attnkit eval --output dir, or a dir with run dirs below it")
+    r.add_argument("--out", default=None, metavar="FILE", help="the HTML file (default RUN_DIR/report.html)")
+    r.set_defaults(func=cmd_report)
     return p
 
 
