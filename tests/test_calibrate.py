@@ -103,6 +103,16 @@ def test_sinks_finds_the_planted_dimensions(family):
     assert calib.candidates(3)[:2] == sorted([TEXT_DIM, IMAGE_DIM], key=lambda d: -float(calib.ratio[:, d].max()))
 
 
+def test_padded_batches_count_each_row_and_only_its_real_tokens():
+    model, inputs = _model("llava")  # two rows, left-padded
+    assert (inputs["attention_mask"] == 0).any()
+    calib = calibrate_sinks(model, inputs=inputs)
+    assert calib.samples == 2 and calib.tokens == pytest.approx(float(inputs["attention_mask"].sum()) / 2)
+    heads = calibrate_heads(model, inputs=[inputs], sink_dims=[TEXT_DIM])
+    assert heads.samples == 2 and heads.vhd.shape == (LAYERS, attnkit.get_adapter(model).num_heads)
+    torch.testing.assert_close(heads.vhd, head_divergence(model, inputs).mean(0), atol=1e-5, rtol=0)
+
+
 def test_sinks_rule_needs_enough_layers_and_few_tokens():
     model, _ = _model("llava")
     processor = testing.tiny_processor("llava")

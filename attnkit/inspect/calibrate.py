@@ -462,7 +462,7 @@ def calibrate_heads(
     batches = list(batches)
 
     def calibrate() -> SinkCalibration:
-        return calibrate_sinks(model, inputs=batches, tau=tau)
+        return calibrate_sinks(model, inputs=batches, n=None, tau=tau)
 
     dims, source, dims_tau = _resolve_dims(model, sink_dims, calibrate)
     bad = [d for d in dims if not 0 <= d < hidden]
