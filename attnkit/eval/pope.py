@@ -643,6 +643,190 @@ def build_pope(
     return written
 
 
+# ----------------------------------------------------------------------------- answers made elsewhere
+
+_QUESTION_FILE = re.compile(r"^(?P<source>.+?)_pope_(?:seem_)?(?P<split>.+)$")
+_ANSWER_IDS = ("question_id", "id")
+
+
+def find_question_files(paths: str | Path | Iterable[str | Path]) -> dict[str, Path]:
+    """{split: question file} of question files and dirs. A dir gives its ``*_pope_*.json`` files
+    (not ``*_pope_build.json``); a file's split is the ``{split}`` of ``{source}_pope_{split}.json``
+    (or ``{source}_pope_seem_{split}.json``), else its name without suffix. Two files of one
+    split are an error."""
+    out: dict[str, Path] = {}
+    for given in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            found = sorted(f for f in path.glob("*_pope_*.json") if f.is_file() and not f.stem.endswith("_pope_build"))
+            if not found:
+                raise DataError(f"no POPE question files ({{source}}_pope_{{split}}.json) in {path}")
+        elif path.is_file():
+            found = [path]
+        else:
+            raise DataError(f"POPE question file not found: {path}")
+        for f in found:
+            m = _QUESTION_FILE.match(f.stem)
+            split = m.group("split") if m else f.stem
+            if split in out and out[split].resolve() != f.resolve():
+                raise DataError(f"{out[split]} and {f} both hold split {split!r}; score them one at a time")
+            out[split] = f
+    if not out:
+        raise DataError("no POPE question file given")
+    return out
+
+
+def _answer_label(value: Any, where: str, qid: Any) -> str:
+    """An answer line's label: yes/no in any case, or 1/0 (PAI's answer files); else DataError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return YES if value == 1 else NO
+    if isinstance(value, str) and value.strip().lower() in (YES, NO):
+        return value.strip().lower()
+    raise DataError(f"{where}: field 'label' must be 'yes' or 'no' (or 1/0), got {value!r} (question_id {qid!r})")
+
+
+def _answer_split(row: dict[str, Any], where: str, qid: Any) -> str | None:
+    """The split an answer line names: its ``split`` or ``category`` field, or ``meta.split`` (as in
+    attnkit's own samples.jsonl); None when it names none."""
+    meta = row.get("meta")
+    for field, value in (("split", row.get("split")), ("category", row.get("category")),
+                         ("meta.split", meta.get("split") if isinstance(meta, dict) else None)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: field {field!r} must be a split name, got {value!r} (question_id {qid!r})")
+        return value.strip()
+    return None
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as JSON lines atomically (temp file, then rename): an old file survives a failure."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise OutputError(f"cannot write POPE results to {path}: {e.strerror or e}") from None
+
+
+def score_answers_file(
+    answers: str | Path,
+    questions: str | Path | Iterable[str | Path] | None = None,
+    *,
+    parser: str = "attnkit",
+    answer_key: str = "text",
+    output: str | Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score POPE answers made by another tool; write one result line per answer. Returns (metrics, path).
+
+    ``answers``: JSON lines (or a JSON list), each with a question id (``question_id`` or ``id``)
+    and the answer text under ``answer_key``. Labels: the line's ``label`` field (yes/no, or 1/0)
+    when it has one, else the question files ``questions`` (files or dirs, see
+    ``find_question_files``); with both, they must agree. Splits: the question file an answer's
+    question is in. Question ids repeat across POPE's split files (each counts from 1), so with
+    several question files an answer must name its split (a ``split`` or ``category`` field, or
+    ``meta.split``) unless its id is in one file only; an ambiguous id is an error. Without
+    question files the split is the one the line names, else "all".
+
+    Metrics as ``PopeTask.score``: {"splits": {split: pope_metrics}, "average": ...}, plus the
+    parser, the files, and ``unanswered`` ({split: questions without an answer}) when question
+    files are given. ``output`` (default ``<answers without suffix>.pope.jsonl``) gets
+    ``{"question_id", "split", "answer", "label", "verdict"}`` per answer, in the answers' order;
+    it may not be the answers file or a question file. Bad input is a DataError naming the file,
+    the line and the question id; nothing is written then.
+    """
+    rule = get_parser(parser)
+    src = Path(answers).expanduser()
+    out = Path(output).expanduser() if output is not None else src.with_name(src.with_suffix("").name + ".pope.jsonl")
+    files = find_question_files(questions) if questions is not None else {}
+    for protected in (src, *files.values()):
+        if out.resolve() == protected.resolve():
+            raise OutputError(f"{out}: the results would overwrite the input {protected}; choose another --output")
+
+    index: dict[str, dict[str, tuple[Any, str]]] = {}  # split -> str(question_id) -> (question_id, label)
+    for split, path in files.items():
+        m = _QUESTION_FILE.match(path.stem)
+        source = m.group("source") if m else "pope"
+        index[split] = {str(q.meta["question_id"]): (q.meta["question_id"], q.label)
+                        for q in load_question_file(path, source, split, Path("."), suffix="")}
+
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str], str] = {}
+    for where, row in _rows(src, "POPE answers file"):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        id_field = next((f for f in _ANSWER_IDS if f in row), None)
+        if id_field is None:
+            raise DataError(f"{where}: missing field 'question_id' (or 'id')")
+        qid = row[id_field]
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+            raise DataError(f"{where}: field {id_field!r} must be an integer or a string, got {qid!r}")
+        if answer_key not in row:
+            raise DataError(f"{where}: missing answer field {answer_key!r} (question_id {qid!r}; see --answer-key)")
+        text = row[answer_key]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {answer_key!r} must be a string, got {text!r} (question_id {qid!r})")
+        label = _answer_label(row["label"], where, qid) if "label" in row else None
+        named = _answer_split(row, where, qid)
+        key = str(qid)
+        if index:
+            if named is not None:
+                if named not in index:
+                    raise DataError(f"{where}: split {named!r} has no question file (question_id {qid!r}; "
+                                    f"splits: {', '.join(index)})")
+                split = named
+            elif len(index) == 1:
+                split = next(iter(index))
+            else:
+                holding = [s for s in index if key in index[s]]
+                if len(holding) > 1:
+                    raise DataError(f"{where}: question_id {qid!r} is in several question files ({', '.join(holding)}); "
+                                    f"give each answer a 'split' field, or score one answers file per question file")
+                if not holding:
+                    raise DataError(f"{where}: question_id {qid!r} is in none of the question files "
+                                    f"({', '.join(str(p) for p in files.values())})")
+                split = holding[0]
+            if key not in index[split]:
+                raise DataError(f"{where}: question_id {qid!r} is not in {files[split]}")
+            truth = index[split][key][1]
+            if label is not None and label != truth:
+                raise DataError(f"{where}: label {label!r} differs from {truth!r} in {files[split]} "
+                                f"(question_id {qid!r})")
+            label = truth
+        else:
+            if label is None:
+                raise DataError(f"{where}: no label for question_id {qid!r}: the line has no 'label' field "
+                                f"and no question files were given (--questions)")
+            split = named if named is not None else "all"
+        if (split, key) in seen:
+            raise DataError(f"{where}: a second answer to question_id {qid!r} of split {split!r} "
+                            f"(the first at {seen[split, key].rsplit(', ', 1)[-1]})")
+        seen[split, key] = where
+        rows.append({"question_id": qid, "split": split, "answer": text, "label": label,
+                     "verdict": rule(text, label)})
+    if not rows:
+        raise DataError(f"{src}: no answers (empty file)")
+
+    first_seen = list(dict.fromkeys(r["split"] for r in rows))
+    order = [s for s in SPLITS if s in first_seen] + [s for s in first_seen if s not in SPLITS]
+    per_split = {s: pope_metrics([r["verdict"] for r in rows if r["split"] == s],
+                                 [r["label"] for r in rows if r["split"] == s]) for s in order}
+    metrics: dict[str, Any] = {"parser": rule.name, "answers": str(src), "per_answer": str(out)}
+    if files:
+        metrics["questions"] = {s: str(p) for s, p in files.items()}
+        answered = Counter(r["split"] for r in rows)
+        metrics["unanswered"] = {s: len(index[s]) - answered[s] for s in files}
+    metrics["splits"] = per_split
+    metrics["average"] = average_metrics(list(per_split.values()))
+    _write_jsonl(out, rows)
+    return metrics, out
+
+
 # ----------------------------------------------------------------------------- task
 
 
