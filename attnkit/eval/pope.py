@@ -653,7 +653,7 @@ def find_question_files(paths: str | Path | Iterable[str | Path]) -> dict[str, P
     """{split: question file} of question files and dirs. A dir gives its ``*_pope_*.json`` files
     (not ``*_pope_build.json``); a file's split is the ``{split}`` of ``{source}_pope_{split}.json``
     (or ``{source}_pope_seem_{split}.json``), else its name without suffix. Two files of one
-    split are an error."""
+    split are an error. Ordered random, popular, adversarial, then any other splits as given."""
     out: dict[str, Path] = {}
     for given in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(given).expanduser()
@@ -673,7 +673,8 @@ def find_question_files(paths: str | Path | Iterable[str | Path]) -> dict[str, P
             out[split] = f
     if not out:
         raise DataError("no POPE question file given")
-    return out
+    order = [s for s in SPLITS if s in out] + [s for s in out if s not in SPLITS]
+    return {s: out[s] for s in order}
 
 
 def _answer_label(value: Any, where: str, qid: Any) -> str:
