@@ -187,3 +187,21 @@ def test_task_parser_options(tmp_path):
         PopeTask(tmp_path, parser="opera", strict=True)
     with pytest.raises(DataError, match="unknown POPE parser 'llava'; valid: attnkit, official, opera, vcd, icd"):
         PopeTask(tmp_path, parser="llava")
+
+
+def test_testbed_pope_takes_the_parser_and_counts_false_yes_by_verdict():
+    from attnkit.eval.pope import PopeOptions
+    from attnkit.testbed.tasks import testbed_task
+
+    task = testbed_task("pope", PopeOptions(parser="vcd"))
+    assert task.parser == "vcd" and task.config()["parser"] == "vcd"
+    # an absent partner answered "isn't": no "no" in it, so vcd counts a false yes; attnkit reads no
+    recs = [{"id": "a", "output": "isn't", "label": "no", "meta": {"split": "adversarial", "absent": "partner"}},
+            {"id": "b", "output": "Yes", "label": "yes", "meta": {"split": "adversarial"}}]
+    for r in recs:
+        r["parsed"] = task.parse(r["output"])  # as the runner stores it: vcd's reading, "neither"
+    assert recs[0]["parsed"] == "neither"
+    assert task.score(recs)["splits"]["adversarial"]["false_yes_partner"] == 1.0
+    plain = testbed_task("pope", PopeOptions())
+    assert plain.score([{k: v for k, v in r.items() if k != "parsed"} for r in recs]
+                       )["splits"]["adversarial"]["false_yes_partner"] == 0.0
