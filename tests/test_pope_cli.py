@@ -74,7 +74,8 @@ def test_cli_end_to_end_with_a_questions_dir(tmp_path, qdir, capsys):
         (1, "popular", "yes", "yes"), (2, "popular", "no", "yes"), (2, "adversarial", "yes", "no")]
     assert per[2]["answer"] == "NO"
 
-    assert cli.main(["pope", str(answers), "--questions", str(qdir), "--json", "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert cli.main(["pope", str(answers), "--questions", str(qdir), "--json",
+                     "--output", str(tmp_path / "o.jsonl")]) == 0
     metrics = json.loads(capsys.readouterr().out)  # stdout is one JSON object
     assert metrics["parser"] == "attnkit" and list(metrics["splits"]) == list(SPLITS)
     assert metrics["unanswered"] == {"random": 1, "popular": 2, "adversarial": 1}
@@ -120,7 +121,8 @@ def test_labels_in_the_lines_without_question_files(tmp_path):
 def test_icd_json_list_answers(tmp_path, qdir):
     """ICD's generator writes one JSON list with an "answer" field; its script leaves out answers with neither word."""
     answers = tmp_path / "normal.json"
-    answers.write_text(json.dumps([{"question_id": 1, "answer": "Yes, there is."}, {"question_id": 2, "answer": "I see a dog"}]))
+    answers.write_text(json.dumps([{"question_id": 1, "answer": "Yes, there is."},
+                                   {"question_id": 2, "answer": "I see a dog"}]))
     metrics, _ = score_answers_file(answers, qdir / "coco_pope_popular.json", parser="icd", answer_key="answer")
     m = metrics["splits"]["popular"]
     assert (m["n"], m["left_out"], m["tp"], m["accuracy"], m["yes_ratio"]) == (2, 1, 1, 1.0, 0.5)
@@ -153,17 +155,23 @@ BAD = [
     (['{"question_id": 1, "split": "random", "text": "Yes"}', '{"question_id": 2, "text": '],
      [], ["line 2", "malformed JSON"]),
     (['{"split": "random", "text": "Yes"}'], [], ["line 1", "missing field 'question_id' (or 'id')"]),
-    (['{"question_id": 1, "split": "random", "text": "Yes"}', '{"question_id": 3, "split": "random", "answer": "No"}'],
+    (['{"question_id": 1, "split": "random", "text": "Yes"}',
+      '{"question_id": 3, "split": "random", "answer": "No"}'],
      [], ["line 2", "missing answer field 'text'", "question_id 3"]),
-    (['{"question_id": 1, "split": "random", "text": null}'], [], ["line 1", "'text' must be a string", "question_id 1"]),
-    (['{"question_id": 9, "split": "random", "text": "Yes"}'], [], ["line 1", "question_id 9 is not in", "coco_pope_random.json"]),
-    (['{"question_id": 1, "split": "hard", "text": "Yes"}'], [], ["line 1", "split 'hard' has no question file", "question_id 1"]),
-    (['{"question_id": 1, "text": "Yes"}'], [], ["line 1", "question_id 1 is in several question files", "'split' field"]),
+    (['{"question_id": 1, "split": "random", "text": null}'], [],
+     ["line 1", "'text' must be a string", "question_id 1"]),
+    (['{"question_id": 9, "split": "random", "text": "Yes"}'], [],
+     ["line 1", "question_id 9 is not in", "coco_pope_random.json"]),
+    (['{"question_id": 1, "split": "hard", "text": "Yes"}'], [],
+     ["line 1", "split 'hard' has no question file", "question_id 1"]),
+    (['{"question_id": 1, "text": "Yes"}'], [],
+     ["line 1", "question_id 1 is in several question files", "'split' field"]),
     (['{"question_id": 1, "split": "random", "text": "Yes", "label": "maybe"}'], [],
      ["line 1", "field 'label' must be 'yes' or 'no'", "'maybe'", "question_id 1"]),
     (['{"question_id": 2, "split": "random", "text": "Yes", "label": "yes"}'], [],
      ["line 1", "label 'yes' differs from 'no'", "question_id 2"]),
-    (['{"question_id": 1, "split": "random", "text": "Yes"}', '', '{"question_id": 1, "split": "random", "text": "No"}'],
+    (['{"question_id": 1, "split": "random", "text": "Yes"}', '',
+      '{"question_id": 1, "split": "random", "text": "No"}'],
      [], ["line 3", "a second answer to question_id 1 of split 'random'", "the first at line 1"]),
     (['{"question_id": 1, "text": "Yes"}'], ["no-questions"], ["line 1", "no label for question_id 1", "--questions"]),
     ([], [], ["no answers (empty file)"]),

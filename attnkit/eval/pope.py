@@ -786,8 +786,9 @@ def score_answers_file(
             else:
                 holding = [s for s in index if key in index[s]]
                 if len(holding) > 1:
-                    raise DataError(f"{where}: question_id {qid!r} is in several question files ({', '.join(holding)}); "
-                                    f"give each answer a 'split' field, or score one answers file per question file")
+                    raise DataError(f"{where}: question_id {qid!r} is in several question files "
+                                    f"({', '.join(holding)}); give each answer a 'split' field, or score one "
+                                    f"answers file per question file")
                 if not holding:
                     raise DataError(f"{where}: question_id {qid!r} is in none of the question files "
                                     f"({', '.join(str(p) for p in files.values())})")
