@@ -100,9 +100,10 @@ def parse_answer(text: str, strict: bool = False) -> str:
     This is not the rule of POPE's script (that is the ``official`` parser, see ``PARSERS``); it
     reads free-form replies more robustly. Default: take the first sentence that has a word
     (sentences end at ``.``, ``!``, ``?`` or a newline); its words (letter runs with inner
-    apostrophes; a typographic apostrophe reads as ``'``), lower-cased, mean "no" if one is no, not, cannot or
-    ends in n't, else "yes". So, unlike the official rule, case and punctuation do not matter
-    ("NO", "No!" are no) and "isn't", "I can't tell", "I cannot tell" are no.
+    apostrophes; a typographic apostrophe reads as ``'``), lower-cased, mean "no" if one is
+    no, not, cannot or ends in n't, else "yes". So, unlike the official rule, case and
+    punctuation do not matter ("NO", "No!" are no) and "isn't", "I can't tell", "I cannot tell"
+    are no.
     ``strict``: "yes"/"no" only if the reply's first word is yes/no (case and leading
     punctuation ignored) and it does not contain both words; else "unknown".
     A reply without any letter (empty, blank, punctuation) is "unknown" in both modes and is
@@ -217,24 +218,18 @@ class PopeParser:
         return self.verdict(self.read(text), label)
 
 
-#: Answer parsers by name (``--parser``), each with the rule of the scripts the papers used:
+#: Answer parsers by name (``--parser``), and the papers whose evaluation script each reproduces
+#: (the rules: each parser's ``rule`` and the ``read_*`` functions above):
 #:
-#: ========  ==================================================  ===========================================
-#: name      rule                                                scripts (repository: path) / papers
-#: ========  ==================================================  ===========================================
-#: attnkit   ``parse_answer``: first sentence, any case, no/not/  attnkit's own (default); empty -> unknown
-#:           cannot/n't -> no; no letters -> unknown (wrong)
-#: official  cut at the first ".", delete ",", split on " ";    RUCAIBox/POPE: evaluate.py; haotian-liu/LLaVA:
-#:           a word "No", "not" or "no" -> no, else yes          llava/eval/eval_pope.py (POPE, LLaVA-1.5)
-#: opera     delete "." and ",", split on " "; "No", "not",      shikiw/OPERA: pope_eval.py; LALBJ/PAI:
-#:           "no", "NO" or a word ending in n't -> no, else yes  pope_ans.py; BillChan226/HALC:
-#:                                                               run_scripts/pope_eval.py (OPERA, PAI, HALC)
-#: vcd       by the label: yes question -> yes iff "yes" is in   DAMO-NLP-SG/VCD: experiments/eval/eval_pope.py;
-#:           the lower-cased text; no question -> no iff "no" is  Lackel/AGLA: eval/eval_pope.py (VCD, AGLA
-#:                                                               and the works built on their code)
-#: icd       official, but yes only with a word "Yes"/"yes";     p1k0pan/ICD: experiments/eval_scripts/
-#:           neither -> left out of the metrics                  eval_pope.py (ICD)
-#: ========  ==================================================  ===========================================
+#: | name     | papers (scripts: repository, path)                                                     |
+#: |----------|----------------------------------------------------------------------------------------|
+#: | attnkit  | none: attnkit's own rule, ``parse_answer`` (the default)                               |
+#: | official | POPE, LLaVA-1.5 (RUCAIBox/POPE evaluate.py; haotian-liu/LLaVA llava/eval/eval_pope.py) |
+#: | opera    | OPERA, PAI, HALC (shikiw/OPERA pope_eval.py; LALBJ/PAI pope_ans.py;                    |
+#: |          | BillChan226/HALC run_scripts/pope_eval.py)                                             |
+#: | vcd      | VCD, AGLA and works built on their code (DAMO-NLP-SG/VCD                               |
+#: |          | experiments/eval/eval_pope.py; Lackel/AGLA eval/eval_pope.py)                          |
+#: | icd      | ICD (p1k0pan/ICD experiments/eval_scripts/eval_pope.py)                                |
 #:
 #: What the scripts compute from the verdicts, and how ``pope_metrics`` matches it: all of them
 #: print accuracy, precision, recall and F1 (yes = positive) from TP/FP/TN/FN, and a yes ratio.
