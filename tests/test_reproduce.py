@@ -12,7 +12,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
 import attnkit.loading
 from attnkit import cli, testbed
@@ -109,18 +108,19 @@ def test_paper_configs_carry_the_published_numbers():
     targets = {r.name: r.targets for r in vhr.rows}
     assert sorted(targets["baseline"].values()) == [14.32, 49.68, 84.98]
     assert sorted(targets["vhr"].values()) == [9.71, 33.32, 85.47]
-    # read as plain YAML: these two need the pope parser option and the mme task to validate
-    vcd = yaml.safe_load((REPO / "configs" / "vcd_llava15_7b.yaml").read_text())
-    pope = vcd["tasks"][0]
-    assert pope["options"]["suffix"] == " Please answer this question with one word."
-    assert pope["options"]["parser"] == "vcd" and pope["decoding"]["do_sample"] is True
-    assert [r["targets"]["pope"] for r in vcd["rows"]] == [
-        {"acc_random": 83.29, "acc_popular": 81.88, "acc_adversarial": 78.96},
-        {"acc_random": 87.73, "acc_popular": 85.38, "acc_adversarial": 80.88}]
-    fastv = yaml.safe_load((REPO / "configs" / "fastv_llava15_7b.yaml").read_text())
-    assert fastv["tasks"][0]["task"] == "mme" and fastv["rows"][1]["methods"] == [
-        {"name": "fastv", "k": 3, "r": 0.5, "mode": "drop"}]
-    assert [r["targets"]["mme"]["perception"] for r in fastv["rows"]] == [1510.8, 1511.7]
+    vcd = reproduce.load_config(REPO / "configs" / "vcd_llava15_7b.yaml")
+    pope = vcd.tasks["pope"]
+    assert pope.options.suffix == " Please answer this question with one word." and pope.options.parser == "vcd"
+    assert pope.base_decoding == reproduce.Decoding(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                                    max_new_tokens=1024)
+    assert [m.describe() for m in vcd.row("vcd").methods] == ["vcd(alpha=1.0, beta=0.2, noise_step=500)"]
+    assert [list(r.targets.values()) for r in vcd.rows] == [[83.29, 81.88, 78.96], [87.73, 85.38, 80.88]]
+    fastv = reproduce.load_config(REPO / "configs" / "fastv_llava15_7b.yaml")
+    mme = fastv.tasks["mme"]
+    assert mme.task == "mme" and mme.metrics["perception"].dotted == "perception.score"
+    assert mme.options.parser == "lmms-eval" and mme.base_decoding.max_new_tokens == 16
+    assert [m.describe() for m in fastv.row("fastv").methods] == ["fastv(k=3, r=0.5, mode='drop')"]
+    assert [r.targets[("mme", "perception")] for r in fastv.rows] == [1510.8, 1511.7]
 
 
 # ----------------------------------------------------------------------------- validation errors
