@@ -12,7 +12,7 @@ directory, as ``attnkit eval``'s flags are)::
 
     name: vhr_llava15_7b            # optional (default: the file name); what the table is called
     description: VHR on LLaVA-1.5-7B  # optional
-    citation: {paper: "...", table: "Table 1"}   # where the published numbers come from (url, note optional)
+    citation: {paper: "...", table: "..."}   # where the published numbers come from (url, note optional)
     model:
       id: llava-hf/llava-1.5-7b-hf  # hub id, local path, testbed or tiny:FAMILY (as attnkit eval --model)
       dtype: float16                # optional: float32, bfloat16, float16, auto (fp32/bf16/fp16)
@@ -43,7 +43,7 @@ directory, as ``attnkit eval``'s flags are)::
 Every key is checked: task options against the task's ``Options`` declaration (type, range, choices),
 method arguments against the method's config (its own validation included), decoding, seeds, metric
 declarations and targets; a bad one is a ``ConfigError`` naming the file and the key path, e.g.
-``configs/x.yaml: rows[2].methods[0].alpha: 'x' is not a number``. A metric path is checked against the
+``configs/x.yaml: rows[2].methods[0].alpha: expected number, >= 0.0, got str 'x'``. A metric path is checked against the
 task's real metrics after its first run (``DataError`` naming the path and the keys there).
 
 "ours" is the metric at ``path`` times ``scale``, its mean over the seeds and the sample standard
