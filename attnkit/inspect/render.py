@@ -27,10 +27,10 @@ GAP, MARGIN, TITLE, LEGEND = 8, 10, 16, 18
 #: Panels per line (a before/after pair counts as two).
 PER_ROW = 8
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
-#: Pruned image tokens are covered with this grey.
+#: Pruned image tokens are covered with this grey (opaque).
 PRUNED = (128, 128, 128)
 #: Opacity of the heat colours over the image.
-HEAT_ALPHA = 170
+HEAT_ALPHA = 150
 
 
 def _panel_size(image_size: tuple[int, int], panel: int) -> tuple[int, int]:
@@ -92,7 +92,7 @@ def _panel(base: Any, size: tuple[int, int], cells: torch.Tensor, sinks: torch.T
     for i in range(rows):
         for j in range(cols):
             if pruned[i, j]:
-                draw.rectangle(box(i, j), fill=(*PRUNED, 235))
+                draw.rectangle(box(i, j), fill=(*PRUNED, 255))
             else:
                 t = values[i][j] / top if top > 0 else 0.0
                 draw.rectangle(box(i, j), fill=(*colormap(t), HEAT_ALPHA))
