@@ -448,6 +448,7 @@ def _index_list(flag: str, text: str | None) -> list[int] | None:
 def cmd_viz(args: argparse.Namespace) -> int:
     """Attention maps of one (image, prompt) over the image, before and after --method: PNGs and viz.json."""
     import json
+    import re
 
     import attnkit
 
@@ -490,7 +491,9 @@ def cmd_viz(args: argparse.Namespace) -> int:
                               "image_size": list(image.size), "before": dict(before.to_dict(), answer=answer(before))}
     if after is not None:
         record["after"] = dict(after.to_dict(), answer=answer(after))
-    text = json.dumps(record, indent=1) + "\n"
+    # one line per innermost list of numbers (a grid row), the rest indented
+    text = re.sub(r"\[\s+([-0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(record, indent=1)) + "\n"
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -244,6 +244,33 @@ def test_pruned_tokens_greyed(tmp_path, mode):
                     assert grey == bool(m.pruned[layer, i, j]), (layer, variant, i, j)
 
 
+@pytest.mark.parametrize("name", ["vcd", "icd"])
+def test_contrast_rows_do_not_enter_the_map(name):
+    """VCD and ICD rewrite logits only: the user's row attends as without them (ICD's longer contrast prompt
+    left-pads the user's row inside the forward; the map is still over the user's own positions)."""
+    model, inputs = _model(), _inputs()
+    plain = attention_map(model, inputs, token=-1)
+    under = attention_map(model, inputs, token=-1, methods=[name], processor=testing.tiny_processor("llava"))
+    assert under.methods == (name,) and under.prompt.shape == plain.prompt.shape
+    torch.testing.assert_close(under.prompt, plain.prompt, atol=1e-5, rtol=0)
+    torch.testing.assert_close(under.shares.image, plain.shares.image, atol=1e-5, rtol=0)
+
+
+def test_vision_side_pruning_is_refused(monkeypatch):
+    from attnkit.errors import MethodArgumentError
+    from attnkit.methods import VisionZip
+    from attnkit.methods import vision_side
+
+    model, inputs = _model(), _inputs()
+    with pytest.raises(MethodArgumentError, match="visionzip prunes inside the vision encoder"):
+        attention_map(model, inputs, methods=[VisionZip(dominant=6, contextual=2)])
+    # any other method that shortens the prompt is caught by the observer itself
+    monkeypatch.setattr(vision_side, "VisionPruner", type("NotIt", (), {}))
+    with pytest.raises(MethodArgumentError, match=r"shortened the prompt .* \(\d+ -> \d+ tokens\)"):
+        attention_map(model, inputs, methods=[VisionZip(dominant=6, contextual=2)])
+    assert not hasattr(model, "_attnkit_handle")
+
+
 # -------------------------------------------------------------------------------------------- pictures
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError, MethodArgumentError, UnsupportedModelError
 from ..methods.base import Method
 
 __all__ = ["AttentionMaps", "AttentionShares", "MapObserver", "attention_map", "attention_shares", "sink_defaults"]
@@ -48,9 +48,11 @@ class MapObserver(Method):
         heads: Sequence[int] | None = None,
         sink_tau: float | None = None,
         sink_dims: Sequence[int] | None = None,
+        prompt_len: int | None = None,
     ) -> None:
         super().__init__()
         tau, dims = sink_defaults()
+        self.user_prompt_len = prompt_len
         self.token = token
         self.heads = None if heads is None else torch.tensor(list(heads), dtype=torch.long)
         self.sink_tau = tau if sink_tau is None else float(sink_tau)
@@ -79,9 +81,17 @@ class MapObserver(Method):
     # -- per forward -----------------------------------------------------------------------------
     def begin_forward(self, view: Any) -> None:
         if view.is_prefill:
-            self.prompt_len = view.prompt_len
+            # a contrast prompt longer than the user's (ICD) left-pads the user's rows inside the forward:
+            # ``offset`` columns that the user's prompt does not have
+            self.prompt_len = self.user_prompt_len or view.prompt_len
+            if view.prompt_len < self.prompt_len:
+                raise MethodArgumentError(
+                    f"attention maps: a method shortened the prompt before the language model ({self.prompt_len} -> "
+                    f"{view.prompt_len} tokens), so its image tokens no longer lie on the image grid; not supported"
+                )
+            self.offset = max(0, view.prompt_len - self.prompt_len)
             image = view.prompt_image_mask
-            self.image = (image[0].cpu().bool() if image is not None
+            self.image = (image[0, self.offset :].cpu().bool() if image is not None
                           else torch.zeros(self.prompt_len, dtype=torch.bool))
             self.steps: list[torch.Tensor] = []
             self.seen: list[torch.Tensor] = []
@@ -89,7 +99,7 @@ class MapObserver(Method):
             self.present: dict[int, torch.Tensor] = {}
         elif self.token is not None:
             return
-        self.steps.append(torch.zeros(self.num_layers, view.kv_len))
+        self.steps.append(torch.zeros(self.num_layers, view.kv_len - self.offset))
         self.seen.append(torch.zeros(self.num_layers, dtype=torch.bool))
 
     def layers(self, view: Any) -> set[int] | None:
@@ -101,8 +111,8 @@ class MapObserver(Method):
             return view.q_len - 1
         pos = view.positions()
         if pos is None:
-            return self.token
-        hit = (pos[0] == self.token).nonzero()
+            return self.token + self.offset
+        hit = (pos[0] == self.token + self.offset).nonzero()
         return int(hit[0, 0]) if hit.numel() else None
 
     def rows(self, view: Any) -> torch.Tensor | None:
@@ -110,13 +120,14 @@ class MapObserver(Method):
         return torch.tensor([view.q_len - 1 if row is None else row])
 
     def _columns(self, view: Any, width: int) -> torch.Tensor:
-        """Original sequence positions of the layer's first ``width`` key columns."""
+        """Positions in the user's sequence of the layer's first ``width`` key columns (negative: the padding
+        a longer contrast prompt added in front)."""
         pos = view.positions()
         if pos is None:
-            return torch.arange(width)
+            return torch.arange(width) - self.offset
         pos = pos[0].cpu()
-        tail = self.prompt_len + torch.arange(max(0, width - pos.shape[0]))
-        return torch.cat([pos, tail])[:width]
+        tail = self.prompt_len + self.offset + torch.arange(max(0, width - pos.shape[0]))
+        return torch.cat([pos, tail])[:width] - self.offset
 
     def observe(self, view: Any, probs: torch.Tensor) -> None:
         layer = view.layer
@@ -125,7 +136,7 @@ class MapObserver(Method):
             cols = self._columns(view, view.kv_len)
             keep = view.keep_mask()
             kept = torch.ones(cols.shape[0], dtype=torch.bool) if keep is None else keep[0, : cols.shape[0]].cpu().bool()
-            inside = cols < self.prompt_len
+            inside = (cols >= 0) & (cols < self.prompt_len)
             present[cols[inside]] = kept[inside]
             self.present[layer] = present
         if not self.steps:
@@ -141,7 +152,7 @@ class MapObserver(Method):
         cols = self._columns(view, p.shape[0])
         record = self.steps[-1]
         record[layer].zero_()
-        record[layer, cols] = p
+        record[layer, cols[cols >= 0]] = p[cols >= 0]
         self.seen[-1][layer] = True
 
     def select(self, view: Any, hidden: torch.Tensor) -> None:
@@ -153,7 +164,8 @@ class MapObserver(Method):
         real = mask[:1, -hidden.shape[1] :] if mask is not None else None
         sink, _ = find_sinks(hidden[:1], self._dims, self.sink_tau, real)
         out = torch.zeros(self.prompt_len, dtype=torch.bool)
-        out[self._columns(view, hidden.shape[1])] = sink[0].cpu()
+        cols = self._columns(view, hidden.shape[1])
+        out[cols[cols >= 0]] = sink[0].cpu()[cols >= 0]
         self.sinks[view.layer] = out
         return None
 
@@ -308,8 +320,11 @@ def attention_map(
     dimensions for the models the paper measured, else the dimensions found from the input); small models
     need a smaller tau (RMS-normed entries are at most sqrt(hidden size)). ``processor`` and ``image_size``
     (width, height of the original image) give ``region``, the image pixels the grid covers
-    (``attnkit.eval.grounding.view_region``). Bad layers, heads or tokens raise InputError; a model that is
-    already wrapped raises AlreadyWrappedError. See ``AttentionMaps`` for the fields."""
+    (``attnkit.eval.grounding.view_region``). Methods that rewrite logits through contrast rows (VCD, ICD)
+    leave the user's row as it is, and the map shows it; vision-side pruning (VisionZip, HiPrune), which
+    hands the language model fewer, merged image tokens, raises MethodArgumentError. Bad layers, heads or
+    tokens raise InputError; a model that is already wrapped raises AlreadyWrappedError. See
+    ``AttentionMaps`` for the fields."""
     import attnkit
 
     from ..eval.grounding import _answer_lengths, view_region
@@ -332,10 +347,19 @@ def attention_map(
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     made = [attnkit.make_method(m) for m in (methods or [])]
+    from ..methods.vision_side import VisionPruner
+
+    for m in made:
+        if isinstance(m, VisionPruner):
+            raise MethodArgumentError(
+                f"attention maps: {m.name} prunes inside the vision encoder (the language model gets fewer, merged "
+                "image tokens, off the image grid); not supported"
+            )
     if processor is not None:
         for m in made:
             m.use_processor(processor)
-    observer = MapObserver(token=position, heads=head_list, sink_tau=sink_tau, sink_dims=sink_dims)
+    observer = MapObserver(token=position, heads=head_list, sink_tau=sink_tau, sink_dims=sink_dims,
+                           prompt_len=prompt_len)
     with attnkit.wrap(model, [*made, observer]), torch.no_grad():
         if position is None:
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
