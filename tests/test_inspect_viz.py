@@ -126,6 +126,27 @@ def test_prompt_token_map_equals_eager_attention(heads):
     torch.testing.assert_close(maps.mean, maps.grid.mean(0))
 
 
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "gemma3", "internvl", "idefics3"])
+def test_other_families_match_eager_attention(family):
+    """Each family's global view on its grid (LLaVA-NeXT's base grid first, InternVL's thumbnail and Idefics3's
+    global image last, Qwen's merged patches, Gemma3's bidirectional image block)."""
+    from .conftest import _tiny
+
+    model = _tiny(family)[0]
+    inputs = testing.tiny_inputs(family, prompts=["Is there a dog?"], images=testing.sample_images(1))
+    maps = attention_map(model, inputs, token=-1)
+    eager = testing.tiny_model(family, seed=0)[0]
+    eager.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    adapter = attnkit.get_adapter(model)
+    pos = adapter.image_grids(inputs)[0][adapter.global_view].positions()
+    for layer in range(adapter.num_layers):
+        want = attentions[layer][0, :, -1].float().mean(0)
+        torch.testing.assert_close(maps.prompt[layer], want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(maps.grid[layer], want[pos], atol=1e-5, rtol=0)
+
+
 def test_answer_map_averages_the_answer_rows():
     """token=None: the last prompt row and each generated row up to EOS, as a full eager forward gives them."""
     inputs = _inputs()
@@ -319,6 +340,7 @@ def test_bad_arguments_are_one_line_errors():
     for kwargs, match in [
         (dict(layers=[LAYERS]), rf"layer {LAYERS} is out of range \[0, {LAYERS - 1}\]"),
         (dict(layers=[]), "at least one layer"),
+        (dict(layers=["2"]), "layer '2' is not an integer"),
         (dict(heads=[7]), r"head 7 is out of range \[0, 3\]"),
         (dict(token=999), "token 999 is out of range"),
         (dict(sink_dims=[10_000]), "sink dimension 10000"),

@@ -14,6 +14,7 @@ a notebook can plot it; ``attnkit.inspect.render`` draws it as PNGs (Pillow only
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -265,9 +266,14 @@ class AttentionMaps:
         }
 
 
-def _check_index(what: str, value: int, size: int, unit: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_index(what: str, value: Any, size: int, unit: str) -> int:
+    """``value`` as an index into ``size`` items (negative: from the end); InputError naming it otherwise."""
+    if isinstance(value, bool):
         raise InputError(f"{what} {value!r} is not an integer")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InputError(f"{what} {value!r} is not an integer") from None
     if not -size <= value < size:
         raise InputError(f"{what} {value} is out of range [0, {size - 1}] for this {unit}")
     return value % size
@@ -332,8 +338,7 @@ def attention_map(
     adapter, batch = _prepare(model, inputs)
     num_layers, num_heads = adapter.num_layers, adapter.num_heads
     chosen = tuple(range(num_layers)) if layers is None else tuple(
-        _check_index("layer", int(x) if not isinstance(x, int) else x, num_layers, f"{num_layers}-layer model")
-        for x in layers
+        _check_index("layer", x, num_layers, f"{num_layers}-layer model") for x in layers
     )
     if not chosen:
         raise InputError("layers: give at least one layer (or None: all)")
