@@ -463,6 +463,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     image = _read_image(args.image)
     layers = _index_list("--layers", args.layers)
     heads = _index_list("--heads", args.heads)
+    sink_dims = _index_list("--sink-dims", args.sink_dims)
     methods = _make_methods(",".join(args.method), args.method_arg)  # unknown names fail before loading
     if args.max_new_tokens < 1:
         raise AttnkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -470,7 +471,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
                                   trust_remote_code=args.trust_remote_code)
     batch = make_batch(processor, attnkit.get_adapter(model), [args.prompt], [image])
     common = dict(layers=layers, heads=heads, token=args.token, processor=processor, image_size=image.size,
-                  max_new_tokens=args.max_new_tokens, sink_tau=args.sink_tau)
+                  max_new_tokens=args.max_new_tokens, sink_tau=args.sink_tau, sink_dims=sink_dims)
     before = attention_map(model, batch, **common)
     after = attention_map(model, batch, methods=methods, **common) if methods else None
     try:
@@ -660,6 +661,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8; stops at EOS)")
     v.add_argument("--sink-tau", type=float, default=None,
                    help="VAR's sink threshold (default VAR's 20; small models need less: at most sqrt(hidden))")
+    v.add_argument("--sink-dims", default=None, metavar="DIMS",
+                   help="sink dimensions, e.g. 1415,2533 (default VAR's: its table, else found from the input)")
     v.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its parent must exist)")
     v.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     v.add_argument("--device-map", default=None)

@@ -364,12 +364,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     _image().save(image)
     out = tmp_path / "viz"
     rc = cli.main(["viz", "--model", "tiny:llava", "--image", str(image), "--prompt", "Is there a dog?",
-                   "--method", "fastv", "--method-arg", "k=1", "--max-new-tokens", "3", "--out", str(out)])
+                   "--method", "fastv", "--method-arg", "k=1", "--max-new-tokens", "3", "--sink-dims", "5",
+                   "--sink-tau", "1.5", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "before:" in printed and "fastv:" in printed and f"wrote {out / 'maps.png'}" in printed
     record = json.loads((out / "viz.json").read_text())
     assert record["prompt"] == "Is there a dog?" and record["after"]["methods"] == ["fastv"]
+    assert record["before"]["sink_dims_source"] == "explicit" and record["after"]["sink_tau"] == 1.5
     layers = record["before"]["layers"]
     assert layers == [0, 1] and set(record["before"]["maps"]) == {"0", "1"}
     assert record["after"]["pruned"] == {"0": 0, "1": 8} and record["before"]["pruned"] == {"0": 0, "1": 0}
