@@ -1,5 +1,6 @@
 """Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task), ``chair`` (score captions),
-``heads`` (VHR's head divergence of one image and prompt) and ``viz`` (attention maps over the image)."""
+``heads`` (VHR's head divergence of one image and prompt), ``calibrate`` (sink dims, head table),
+``report`` (a run directory as one HTML file) and ``viz`` (attention maps over the image)."""
 
 from __future__ import annotations
 
@@ -463,7 +464,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
     image = _read_image(args.image)
     layers = _index_list("--layers", args.layers)
     heads = _index_list("--heads", args.heads)
-    sink_dims = _index_list("--sink-dims", args.sink_dims)
+    from pathlib import Path
+
+    sink_dims: Any = args.sink_dims  # a file of attnkit calibrate sinks, or a list
+    if sink_dims is not None and not Path(sink_dims).is_file():
+        sink_dims = _index_list("--sink-dims", sink_dims)
     methods = _make_methods(",".join(args.method), args.method_arg)  # unknown names fail before loading
     if args.max_new_tokens < 1:
         raise AttnkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -515,6 +520,89 @@ def cmd_viz(args: argparse.Namespace) -> int:
               + " ".join(f"{v:.3f}" for v in shares["image"].tolist()))
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _output_file(path: str, what: str) -> Any:
+    """An output file path checked before any work: not a directory, its parent directory exists."""
+    from pathlib import Path
+
+    from .errors import OutputError
+
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{what} {out} is a directory")
+    if not out.parent.is_dir():
+        raise OutputError(f"{what} {out}: its parent directory {out.parent} does not exist")
+    return out
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``attnkit calibrate sinks|heads``: see attnkit.inspect.calibrate."""
+    from .inspect import calibrate as cal
+    from .loading import load_model
+
+    from .errors import DataError
+
+    if args.n < 1:
+        raise DataError(f"-n {args.n}: must be >= 1")
+    prompt = args.prompt if args.prompt is not None else cal.DEFAULT_PROMPT
+    sink_dims = getattr(args, "sink_dims", None)
+    if sink_dims is not None and sink_dims.strip() and all(c in "0123456789,- " for c in sink_dims):
+        from .options import parse_text
+
+        try:
+            sink_dims = parse_text(list[int], sink_dims)
+        except ValueError:
+            raise DataError(f"--sink-dims {sink_dims!r}: expected dimension indices (2533,1415) or a file") from None
+    out = _output_file(args.out, f"{args.what} file")
+    png = None
+    if args.what == "heads" and args.png is not None:
+        png = _output_file(args.png, "heat map")
+    images = cal.list_images(args.images, args.n)
+    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
+    if args.what == "sinks":
+        calib = cal.calibrate_sinks(model, processor, images, prompt=prompt, n=args.n, tau=args.tau,
+                                    min_layers=args.min_layers, max_token_share=args.max_token_share)
+        path = cal.save_sinks_json(calib, out, model=args.model)
+        print(f"{args.model}: {calib.samples} samples, {calib.num_layers} layers, hidden size {calib.hidden_size}, "
+              f"tau {calib.tau:.4g}")
+        if calib.dims:
+            print(f"sink dimensions: {', '.join(map(str, calib.dims))}")
+            for d in calib.dims:
+                print(f"  dim {d}: above tau in {int(calib.layers_hit[d])}/{calib.num_layers} layers, "
+                      f"max |normed| {float(calib.max_abs[:, d].max()):.4g} "
+                      f"({float(calib.ratio[:, d].max()):.3g}x the median dimension), "
+                      f"{float(calib.tokens_over[:, d].max()):.3g} tokens per sample above tau")
+        else:
+            print("sink dimensions: none found (no dimension where a few tokens exceed tau in enough layers)")
+        print(f"wrote {path}")
+        return 0
+    calib = cal.calibrate_heads(model, processor, images, prompt=prompt, n=args.n, sink_dims=sink_dims,
+                                tau=args.tau, last_layers=args.last_layers,
+                                outlier_filter=not args.no_outlier_filter)
+    written = cal.save_calibration_heads_json(calib, out, model=args.model, png=png if png is not None else True)
+    heads = calib.selected()
+    print(f"{args.model}: {calib.samples} samples, {calib.num_layers} layers x {calib.num_heads} heads; "
+          f"sink dims {calib.sink_dims or 'none'} ({calib.sink_dims_source}), tau {calib.tau:.4g}")
+    print(f"selected heads (VHR's rule on the mean VHD, layers {calib.first_layer}-{calib.num_layers - 1}; "
+          f"{sum(map(len, heads.values()))} in all):")
+    for layer in range(calib.first_layer, calib.num_layers):
+        print(f"  layer {layer}: {heads.get(layer, [])}")
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML file of an eval (or reproduce) run directory."""
+    from .inspect.report import find_runs, write_report
+
+    out = _output_file(args.out, "report") if args.out is not None else None
+    runs = find_runs(args.run_dir)
+    path = write_report(args.run_dir, out)
+    print(f"{len(runs)} run{'s' if len(runs) != 1 else ''}: wrote {path}")
     return 0
 
 
@@ -661,13 +749,67 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8; stops at EOS)")
     v.add_argument("--sink-tau", type=float, default=None,
                    help="VAR's sink threshold (default VAR's 20; small models need less: at most sqrt(hidden))")
-    v.add_argument("--sink-dims", default=None, metavar="DIMS",
-                   help="sink dimensions, e.g. 1415,2533 (default VAR's: its table, else found from the input)")
+    v.add_argument("--sink-dims", default=None, metavar="LIST|FILE",
+                   help="sink dimensions (1415,2533) or a file of attnkit calibrate sinks (default VAR's: its "
+                        "table, else found from the input)")
     v.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its parent must exist)")
     v.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     v.add_argument("--device-map", default=None)
     v.add_argument("--trust-remote-code", action="store_true")
     v.set_defaults(func=cmd_viz)
+
+    cal = sub.add_parser("calibrate", help="calibrate a model: its sink dimensions (VAR) or a per-head table (VHR, ACT)")
+    cal_sub = cal.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    for what, text, desc in (
+        ("sinks", "the sink dimensions of the language model, with the evidence: a file for var's sink_dims",
+         "Prefills of the first N images of DIR with one prompt; at each decoder layer's input, the RMS-normed "
+         "hidden states (VAR's rule). A dimension is a sink dimension where, in at least --min-layers of the "
+         "layers, between one token and --max-token-share of the tokens exceed --tau in at least half the "
+         "samples. Writes FILE: sink_dims (var reads it: --var.sink-dims FILE) and the evidence per candidate "
+         "dimension (per layer: max |normed|, ratio to the median dimension, tokens above tau)."),
+        ("heads", "per (layer, head): image-attention share, visual-sink share, mean VHD; a head set for vhr and act",
+         "Prefills of the first N images of DIR with one prompt. Per (layer, head): the image-attention share "
+         "of the text tokens after the image, the share of it on visual sinks, the mean VHD (VHR's, alpha 1). "
+         "Writes FILE (heads: VHR's rule on the mean VHD, readable by --vhr.heads FILE and --act.heads FILE; "
+         "the three tables) and heat maps FILE-stem.png (VHD), .image.png, .sink.png."),
+    ):
+        c2 = cal_sub.add_parser(what, help=text, description=desc)
+        c2.add_argument("--model", required=True, help="hub id, local path, testbed or tiny:FAMILY")
+        c2.add_argument("--images", required=True, metavar="DIR", help="directory of images (the first N by name)")
+        c2.add_argument("-n", type=int, default=20, metavar="N", help="number of images (default 20)")
+        c2.add_argument("--prompt", default=None, help="the prompt of every prefill (default: "
+                                                        "'Please describe this image in detail.')")
+        c2.add_argument("--out", required=True, metavar="FILE", help="the JSON file to write")
+        c2.add_argument("--tau", type=float, default=None,
+                        help="sink threshold on |RMS-normed hidden| (default: VAR's 20, or 0.7 x sqrt(hidden "
+                             "size) for models narrower than 817" + ("; heads: the sink file's" if what == "heads"
+                                                                     else "") + ")")
+        if what == "sinks":
+            c2.add_argument("--min-layers", type=float, default=0.5, metavar="SHARE",
+                            help="share of the layers where a sink dimension must show (default 0.5)")
+            c2.add_argument("--max-token-share", type=float, default=0.1, metavar="SHARE",
+                            help="most tokens of a sample above tau for a massive activation (default 0.1)")
+        else:
+            c2.add_argument("--sink-dims", default=None, metavar="LIST|FILE",
+                            help="sink dimensions (2533,1415) or a file of attnkit calibrate sinks (default: VAR's "
+                                 "table for known models, else calibrated on the same images)")
+            c2.add_argument("--last-layers", type=int, default=None, metavar="N",
+                            help="VHR selects heads in the last N layers (default: the family's)")
+            c2.add_argument("--no-outlier-filter", action="store_true", help="VHD without VHR's outlier filter")
+            c2.add_argument("--png", default=None, metavar="FILE",
+                            help="the VHD heat map (default FILE-stem.png; the others next to it)")
+        c2.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+        c2.add_argument("--device-map", default=None)
+        c2.add_argument("--trust-remote-code", action="store_true")
+        c2.set_defaults(func=cmd_calibrate)
+
+    r = sub.add_parser("report", help="a run directory (attnkit eval or reproduce) as one self-contained HTML file",
+                       description="Metrics and, per sample, the image (thumbnail), question, answer, label or "
+                                   "hallucinated objects and the grounding overlay; a filter to the wrong answers. "
+                                   "Images are embedded: the file opens from disk with no server or network.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="an attnkit eval --output dir, or a dir with run dirs below it")
+    r.add_argument("--out", default=None, metavar="FILE", help="the HTML file (default RUN_DIR/report.html)")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -233,6 +233,20 @@ def test_sinks_follow_vars_rule(tmp_path):
             assert (corner == OUTLINE_OUTER) == bool(maps.sinks[1, i, j]), (i, j)
 
 
+def test_sink_dims_from_a_calibration_file(tmp_path):
+    model, inputs = _model(), _inputs()
+    hidden = attnkit.get_adapter(model).text_config.hidden_size
+    path = tmp_path / "sinks.json"
+    path.write_text(json.dumps({"sink_dims": [5, 9], "hidden_size": hidden}))
+    by_list = attention_map(model, inputs, token=-1, sink_dims=[5, 9], sink_tau=1.0)
+    by_file = attention_map(model, inputs, token=-1, sink_dims=str(path), sink_tau=1.0)
+    assert by_file.sink_dims_source == f"file: {path}"
+    assert torch.equal(by_file.sink_mask, by_list.sink_mask) and bool(by_list.sink_mask.any())
+    path.write_text(json.dumps({"sink_dims": [5], "hidden_size": hidden * 2}))
+    with pytest.raises(InputError, match=f"calibrated on a model with hidden_size {hidden * 2}"):
+        attention_map(model, inputs, token=-1, sink_dims=path)
+
+
 def test_default_sink_rule_is_vars():
     from attnkit.methods.var import VARConfig
 

@@ -66,7 +66,7 @@ def _args(*argv: str):
 
 def test_registered_task_appears_in_the_cli_without_editing_it(clean_tasks, tmp_path, capsys):
     register_task(CountTask)
-    assert list_tasks()[:3] == ["pope", "chair", "grounding"] and "counting" in list_tasks()
+    assert list_tasks()[:4] == ["pope", "chair", "grounding", "mme"] and "counting" in list_tasks()
     assert TASKS["counting"] == "a toy task for the tests"
     with pytest.raises(TypeError):
         TASKS["counting"] = "x"  # read-only view
@@ -99,7 +99,7 @@ def test_unknown_task_lists_the_registered_ones(clean_tasks, capsys):
     register_task(CountTask)
     assert cli.main(["eval", "--model", "tiny:llava", "--task", "vqa", "--output", "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "attnkit: error: unknown task 'vqa' (valid: pope, chair, grounding, counting)"
+    assert err == "attnkit: error: unknown task 'vqa' (valid: pope, chair, grounding, mme, counting)"
 
 
 def test_entry_point_task_is_found(monkeypatch):
@@ -120,7 +120,7 @@ def test_entry_point_task_is_found(monkeypatch):
     monkeypatch.setattr(task_registry, "_loaded", False)
     assert get_task_class("counting") is CountTask
     assert groups == ["attnkit.tasks"]
-    assert list_tasks() == ["pope", "chair", "grounding", "counting"]
+    assert list_tasks() == ["pope", "chair", "grounding", "mme", "counting"]
     task = cli._make_task(_args("--task", "counting", "--word", "disc"))
     assert task.word == "disc"
 

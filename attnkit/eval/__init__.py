@@ -1,4 +1,4 @@
-"""Evaluation layer: tasks (POPE, CHAIR, attention grounding), the runner, and the run's files.
+"""Evaluation layer: tasks (POPE, CHAIR, attention grounding, MME), the runner, and the run's files.
 
 Tasks are registered by name (``register_task``; third parties via the ``attnkit.tasks``
 entry-point group); ``TASKS`` is a read-only view name -> one-line description.

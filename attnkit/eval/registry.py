@@ -12,7 +12,7 @@ from .base import Task
 
 _REGISTRY: dict[str, type[Task]] = {}
 _loaded = False
-_BUILTIN = ("pope", "chair", "grounding")  # listed first, in this order
+_BUILTIN = ("pope", "chair", "grounding", "mme")  # listed first, in this order
 
 
 class UnknownTaskError(AttnkitError, KeyError):
@@ -38,9 +38,9 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import chair, grounding, pope  # they register themselves on first import
+    from . import chair, grounding, mme, pope  # they register themselves on first import
 
-    for cls in (pope.PopeTask, chair.ChairTask, grounding.GroundingTask):
+    for cls in (pope.PopeTask, chair.ChairTask, grounding.GroundingTask, mme.MmeTask):
         _REGISTRY.setdefault(cls.name, cls)  # (again, if the registry was replaced since)
 
     for ep in entry_points(group="attnkit.tasks"):
@@ -53,7 +53,7 @@ def _load() -> None:
 
 
 def list_tasks() -> list[str]:
-    """Names of every registered task, built-ins first (pope, chair, grounding), then in registration order."""
+    """Names of every registered task, built-ins first (pope, chair, grounding, mme), then in registration order."""
     _load()
     names = list(_REGISTRY)
     return sorted(names, key=lambda n: (_BUILTIN.index(n) if n in _BUILTIN else len(_BUILTIN), names.index(n)))

@@ -2,7 +2,8 @@
 
 Output directory:
 
-- ``samples.jsonl``: one line per sample (id, prompt, output, parsed, label, meta), flushed per line;
+- ``samples.jsonl``: one line per sample (id, prompt, output, parsed, label, meta; image: the image file's
+  path when the sample has one), flushed per line;
   under data parallel each rank appends to ``shards/rank{R}.jsonl`` and rank 0 merges them at the end.
 - ``results.json``: metrics, the full resolved config, method configs, model id, package versions,
   seed, counts and timing; plus any extra files the task asks for.
@@ -309,8 +310,11 @@ def _generate_all(task, model, processor, adapter, observer, mine, writer, max_n
 
 def _record(task: Task, sample: Sample, text: str) -> dict[str, Any]:
     text = text.strip()
-    return {"id": sample.id, "prompt": sample.question, "output": text, "parsed": task.parse(text),
-            "label": sample.label, "meta": sample.meta}
+    record = {"id": sample.id, "prompt": sample.question, "output": text, "parsed": task.parse(text),
+              "label": sample.label, "meta": sample.meta}
+    if _is_path(sample.image):  # where the image is (attnkit report shows it)
+        record["image"] = str(sample.image)
+    return record
 
 
 def _run_pipeline(task, model, processor, method, mine, writer, max_new, settings, dist) -> int:

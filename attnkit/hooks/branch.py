@@ -270,9 +270,9 @@ class ContrastBranch:
                 if pos.dim() == 3:  # mRoPE (k, B, q): an image-free row has the text position in every part
                     branch_pos = branch_pos[None].expand(pos.shape[0], -1, -1)
             out["position_ids"] = torch.cat([pos, branch_pos], dim=pos.dim() - 2)
-        per_row = kwargs.get("batch_num_images")
-        if isinstance(per_row, torch.Tensor) and per_row.dim() == 1 and per_row.shape[0] == batch:
-            out["batch_num_images"] = torch.cat([per_row, torch.zeros_like(per_row) if self.image_free else per_row])
+        per_row = kwargs.get("batch_num_images")  # rows with images: repeated with the image inputs, below
+        if self.image_free and isinstance(per_row, torch.Tensor) and per_row.dim() == 1 and per_row.shape[0] == batch:
+            out["batch_num_images"] = torch.cat([per_row, torch.zeros_like(per_row)])
         if not self.image_free:
             out = self._repeat_images(out, past_len)
         return out

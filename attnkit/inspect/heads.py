@@ -295,12 +295,12 @@ def _number(x: float) -> str:
     return f"{x:.4g}"
 
 
-def render_heatmap(vhd: Any, heads: Any = None, path: str | os.PathLike | None = None) -> Any:
+def render_heatmap(vhd: Any, heads: Any = None, path: str | os.PathLike | None = None, *, label: str = "VHD") -> Any:
     """A PIL image of a (layers, heads) score table: one row per layer (layer 0 at the top), one column per
     head, ``CELL`` pixels each, coloured by viridis from the table's minimum to its maximum (a value that is
     not finite: grey); the heads in ``heads`` (a bool table of the same shape or ``{layer: [heads]}``)
     outlined white and black; layer and head indices every few cells, a colour bar with the minimum and
-    maximum on the right. Size: ``heatmap_size(layers, heads)``. Saved as PNG to ``path`` when given
+    maximum on the right, titled ``label`` (a few characters). Size: ``heatmap_size(layers, heads)``. Saved as PNG to ``path`` when given
     (atomically). The same input gives the same pixels."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -360,7 +360,7 @@ def render_heatmap(vhd: Any, heads: Any = None, path: str | os.PathLike | None =
     top_text, bottom_text = _number(hi), _number(lo)
     draw.text((bar_x + BAR_WIDTH + 4, TOP - 1), top_text, fill=INK, font=font)
     draw.text((bar_x + BAR_WIDTH + 4, TOP + bar_h - text_size(bottom_text)[1] - 2), bottom_text, fill=INK, font=font)
-    draw.text((bar_x, 2), "VHD", fill=INK, font=font)
+    draw.text((bar_x, 2), label, fill=INK, font=font)
     if bool(mask.any()):
         draw.text((4, TOP + bar_h + 4), f"outlined: selected heads ({int(mask.sum())})", fill=INK, font=font)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ class MapObserver(Method):
         token: int | None = None,
         heads: Sequence[int] | None = None,
         sink_tau: float | None = None,
-        sink_dims: Sequence[int] | None = None,
+        sink_dims: Sequence[int] | str | os.PathLike | None = None,
         prompt_len: int | None = None,
     ) -> None:
         super().__init__()
@@ -57,6 +58,13 @@ class MapObserver(Method):
         self.token = token
         self.heads = None if heads is None else torch.tensor(list(heads), dtype=torch.long)
         self.sink_tau = tau if sink_tau is None else float(sink_tau)
+        self._file: tuple[str, dict[str, Any]] | None = None
+        if isinstance(sink_dims, (str, os.PathLike)):  # a file of attnkit calibrate sinks, read as VAR reads it
+            from ..methods.files import load_sink_dims
+
+            dims_read, info = load_sink_dims(sink_dims, "attention maps")
+            self._file = (str(sink_dims), info)
+            sink_dims = dims_read
         self._explicit_dims = None if sink_dims is None else list(sink_dims)
         self._dims: torch.Tensor | None = None
         self.sink_dims_source = "unattached"
@@ -68,10 +76,14 @@ class MapObserver(Method):
         text = handle.adapter.text_config
         hidden = int(text.hidden_size)
         if self._explicit_dims is not None:
+            if self._file is not None and self._file[1].get("hidden_size", hidden) != hidden:
+                raise InputError(f"sink_dims file {self._file[0]} was calibrated on a model with hidden_size "
+                                 f"{self._file[1]['hidden_size']}; this model's is {hidden}")
             bad = [d for d in self._explicit_dims if not 0 <= d < hidden]
             if bad:
                 raise InputError(f"sink dimension {bad[0]} is out of range [0, {hidden - 1}]")
-            self._dims, self.sink_dims_source = torch.tensor(self._explicit_dims), "explicit"
+            self._dims = torch.tensor(self._explicit_dims)
+            self.sink_dims_source = "explicit" if self._file is None else f"file: {self._file[0]}"
         else:
             found = table_sink_dims(text)
             if found is None:
@@ -309,7 +321,7 @@ def attention_map(
     image_size: tuple[int, int] | None = None,
     max_new_tokens: int = 8,
     sink_tau: float | None = None,
-    sink_dims: Sequence[int] | None = None,
+    sink_dims: Sequence[int] | str | os.PathLike | None = None,
 ) -> AttentionMaps:
     """Attention from the answer (or prompt position ``token``) to the image, per layer, on the image grid.
 
@@ -324,7 +336,8 @@ def attention_map(
     heads averaged (None: all). Sinks: VAR's rule at the input of each layer, ``max_{d in sink dims}
     |RMSNorm(h)_d| > sink_tau``, with VAR's defaults (``sink_defaults()``: tau 20 and its table of sink
     dimensions for the models the paper measured, else the dimensions found from the input); small models
-    need a smaller tau (RMS-normed entries are at most sqrt(hidden size)). ``processor`` and ``image_size``
+    need a smaller tau (RMS-normed entries are at most sqrt(hidden size)); ``sink_dims`` may also be the path
+    of a file of ``attnkit calibrate sinks`` (read as VAR reads it, refused for a model of another width). ``processor`` and ``image_size``
     (width, height of the original image) give ``region``, the image pixels the grid covers
     (``attnkit.eval.grounding.view_region``). Methods that rewrite logits through contrast rows (VCD, ICD)
     leave the user's row as it is, and the map shows it; vision-side pruning (VisionZip, HiPrune), which

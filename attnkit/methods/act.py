@@ -8,6 +8,7 @@ Official code: github.com/GATECH-EIC/ACT.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from ..errors import MethodArgumentError
 from ..hooks.context import View
 from .base import Method, MethodConfig, check_int, check_range
+from .files import load_head_set
 from .registry import register
 
 #: Which column a head never calibrates: the row's first real token (attnkit's rule), or the first
@@ -26,7 +28,7 @@ SPARE = ("first_token", "first_sink")
 class ACTConfig(MethodConfig):
     """beta: factor on sink attention (1 = off); threshold: smallest mean attention of a sink column;
     layers [start_layer, L - skip_last) (skip_last=0 calibrates the last layer too); heads: {layer: [head,
-    ...]} to calibrate (None = every head of those layers); spare: the column never calibrated,
+    ...]} to calibrate, or the path of a head-set JSON file (None = every head of those layers); spare: the column never calibrated,
     "first_token" (the row's first real token) or "first_sink" (the official code's: the first column
     above the threshold, per head)."""
 
@@ -34,8 +36,9 @@ class ACTConfig(MethodConfig):
     threshold: float = MethodConfig.option(0.1, help="smallest mean attention of a sink column", lo=0.0, hi=1.0)
     start_layer: int = MethodConfig.option(2, help="first layer calibrated", lo=0)
     skip_last: int = MethodConfig.option(1, help="last layers left alone: layers [start_layer, L - skip_last)", lo=0)
-    heads: dict[int, list[int]] | None = MethodConfig.option(
-        None, help="{layer: [head, ...]} to calibrate (none = every head of those layers)", lo=0)
+    heads: dict[int, list[int]] | str | None = MethodConfig.option(
+        None, help="{layer: [head, ...]} to calibrate, or a head-set JSON file (attnkit heads / calibrate heads) "
+                   "(none = every head of those layers)", lo=0)
     spare: str = MethodConfig.option("first_token", help="the column never calibrated", choices=SPARE)
 
     def validate(self) -> None:
@@ -45,6 +48,8 @@ class ACTConfig(MethodConfig):
         check_int("act", "skip_last", self.skip_last, 0, None)
         if self.spare not in SPARE:
             raise MethodArgumentError(f"act: spare={self.spare!r} must be one of {', '.join(SPARE)}")
+        if isinstance(self.heads, (str, Path)):
+            self.heads = load_head_set(self.heads, "act")
         if self.heads is not None:
             if not isinstance(self.heads, dict):
                 raise MethodArgumentError(f"act: heads must be a dict {{layer: [head, ...]}}, got {type(self.heads).__name__}")
@@ -81,7 +86,8 @@ class ACT(Method):
     with depth: a model of depth L gets layers 2..L-2 (the first two and the last one skipped);
     ``skip_last=0`` includes the last layer (the official Mistral script's ``range(2, 32)``). The
     official code calibrates a per-task head list found by a search on a calibration set; pass such a
-    list as ``heads={layer: [head, ...]}`` (then start_layer and skip_last are unused).
+    list as ``heads={layer: [head, ...]}`` (then start_layer and skip_last are unused), or the path of a
+    head-set file (``attnkit heads`` / ``attnkit calibrate heads``: its ``"heads"``), read once, at construction.
 
     Deviation (``spare``): attnkit never calibrates the row's first real token (``spare="first_token"``,
     the intent: the first token is the ordinary sink ACT keeps). The official code spares instead the

@@ -76,12 +76,12 @@ class ICD(ContrastiveDecoding):
     otherwise ``wrap()`` raises MethodArgumentError when neither is given (e.g. ``--method icd`` on the CLI
     without ``--icd.disturbance-ids``).
     Defaults: alpha=1, beta=0.1 and the official disturbance instruction. Families: 1-D positions and
-    images that can be repeated (not InstructBLIP, not the mRoPE Qwen-VL families, not LLaVA-OneVision).
+    images that can be repeated (not InstructBLIP, not the mRoPE Qwen-VL families).
     """
 
     name = "icd"
     Config = ICDConfig
-    families = ("llava", "llava_next", "internvl", "gemma3", "idefics3")
+    families = ("llava", "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3")
 
     def __init__(self, config: ICDConfig | None = None, *, processor: Any = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from ..errors import MethodArgumentError
 from ..hooks.context import View
 from .base import Method, MethodConfig, check_int, check_range
+from .files import load_sink_dims
 from .registry import register
 
 #: Sink dimensions of the base LLMs the paper measured, keyed by the language model's
@@ -37,7 +39,8 @@ SHARE_EPS = 1e-6
 class VARConfig(MethodConfig):
     """p: factor on sink attention (1 = off); tau: sink threshold on |normed hidden|; rho: largest
     visual-sink share of a row's image attention; summ: smallest image attention of a row; layers
-    [start_layer, L - skip_last); sink_dims: the massive-activation dimensions (None = table / input)."""
+    [start_layer, L - skip_last); sink_dims: the massive-activation dimensions, a list or the path of a
+    sink-dimension file (``attnkit calibrate sinks``; None = table / input)."""
 
     p: float = MethodConfig.option(0.6, help="factor on the attention to sink tokens (1 = off)", lo=0.0, hi=1.0)
     tau: float = MethodConfig.option(20.0, help="sink threshold on |normed hidden| at the sink dimensions", lo=0.0)
@@ -45,8 +48,9 @@ class VARConfig(MethodConfig):
     summ: float = MethodConfig.option(0.2, help="smallest image attention of a row", lo=0.0, hi=1.0)
     start_layer: int = MethodConfig.option(2, help="first layer rewritten", lo=0)
     skip_last: int = MethodConfig.option(1, help="last layers left alone: layers [start_layer, L - skip_last)", lo=0)
-    sink_dims: list[int] | None = MethodConfig.option(
-        None, help="massive-activation dimensions (none = the table's for known models)", lo=0)
+    sink_dims: list[int] | str | None = MethodConfig.option(
+        None, help="massive-activation dimensions, or a JSON file of them (attnkit calibrate sinks) "
+                   "(none = the table's for known models)", lo=0)
 
     def validate(self) -> None:
         check_range("var", "p", self.p, 0.0, 1.0)
@@ -55,6 +59,10 @@ class VARConfig(MethodConfig):
         check_range("var", "summ", self.summ, 0.0, 1.0)
         check_int("var", "start_layer", self.start_layer, 0, None)
         check_int("var", "skip_last", self.skip_last, 0, None)
+        if isinstance(self.sink_dims, (str, Path)):  # a file: read once, here; where from kept for sink_report
+            path = str(self.sink_dims)
+            self.sink_dims, info = load_sink_dims(path, "var")
+            self._sink_dims_file = (path, info)
         if self.sink_dims is not None:
             if isinstance(self.sink_dims, (str, bytes)) or not hasattr(self.sink_dims, "__iter__"):
                 raise MethodArgumentError(f"var: sink_dims={self.sink_dims!r} must be a list of dimension indices")
@@ -65,23 +73,23 @@ class VARConfig(MethodConfig):
                 check_int("var", "sink_dims", d, 0, None)
 
 
+def table_sink_dims(text_config: Any) -> tuple[str, tuple[int, ...]] | None:
+    """(label, dims) of ``SINK_DIMS`` for a language model's config, matched on its (model_type, hidden_size,
+    num_hidden_layers, intermediate_size); None for a model the table does not hold."""
+    key = (
+        str(getattr(text_config, "model_type", "")),
+        int(text_config.hidden_size),
+        int(getattr(text_config, "num_hidden_layers", -1)),
+        int(getattr(text_config, "intermediate_size", -1) or -1),
+    )
+    return SINK_DIMS.get(key)
+
+
 def rms_normed(hidden: torch.Tensor, dims: torch.Tensor | None = None) -> torch.Tensor:
     """|RMSNorm(hidden)| without the learned scale, in fp32, for all dimensions or only ``dims``."""
     rms = torch.linalg.vector_norm(hidden, dim=-1, dtype=torch.float32, keepdim=True) / math.sqrt(hidden.shape[-1])
     part = hidden if dims is None else hidden.index_select(-1, dims)
     return part.float().abs() * torch.rsqrt(rms.square() + _EPS)
-
-
-def table_sink_dims(text_config: Any) -> tuple[str, tuple[int, ...]] | None:
-    """(label, sink dims) of ``SINK_DIMS`` for a language model's config, matched on (model_type, hidden_size,
-    num_hidden_layers, intermediate_size); None for a model the paper did not measure."""
-    key = (
-        str(getattr(text_config, "model_type", "")),
-        int(getattr(text_config, "hidden_size", -1)),
-        int(getattr(text_config, "num_hidden_layers", -1)),
-        int(getattr(text_config, "intermediate_size", -1) or -1),
-    )
-    return SINK_DIMS.get(key)
 
 
 def find_sinks(
@@ -130,12 +138,13 @@ class VAR(Method):
        rows still sum to 1. Other rows use fused sdpa; at decode only layers with a visual sink run
        the reference kernel.
 
-    sink_dims: the explicit list if given; else the table ``SINK_DIMS`` (the paper's values: LLaMA-2-7B
+    sink_dims: the explicit list if given (or read from a file that ``attnkit calibrate sinks`` wrote; a
+    file that records a hidden_size other than the model's is refused); else the table ``SINK_DIMS`` (the paper's values: LLaMA-2-7B
     / Vicuna-7B {2533, 1415}, LLaMA-2-13B {2100, 4743}, Qwen2-7B {458, 2570}, InternLM2 of InternVL2-8B
     {3584}) matched on the language model's type and size; else found from the input itself: per row
     and layer, the dimensions where the first real token's normed hidden state exceeds tau (massive
     activations appear first on the first token), a model without them having no sinks.
-    ``sink_dims_source`` says which ("explicit", "table: <model>", "input"); ``sink_report()`` lists
+    ``sink_dims_source`` says which ("explicit", "file: <path>", "table: <model>", "input"); ``sink_report()`` lists
     the sinks of the last prefill.
 
     Defaults (official configuration for LLaVA-1.5-7B): p=0.6, tau=20, rho=0.5, summ=0.2, layers 2..30
@@ -173,10 +182,17 @@ class VAR(Method):
         text = handle.adapter.text_config
         hidden = int(text.hidden_size)
         if cfg.sink_dims is not None:
+            file = getattr(cfg, "_sink_dims_file", None)
+            if file is not None and file[1].get("hidden_size", hidden) != hidden:
+                raise MethodArgumentError(
+                    f"var: sink_dims file {file[0]} was calibrated on a model with hidden_size "
+                    f"{file[1]['hidden_size']}; this model's is {hidden}"
+                )
             bad = [d for d in cfg.sink_dims if d >= hidden]
             if bad:
                 raise MethodArgumentError(f"var: sink_dims entry {bad[0]} is out of range [0, {hidden - 1}]")
-            self._dims, self.sink_dims_source = torch.tensor(cfg.sink_dims), "explicit"
+            self._dims = torch.tensor(cfg.sink_dims)
+            self.sink_dims_source = "explicit" if file is None else f"file: {file[0]}"
         else:
             found = table_sink_dims(text)
             if found is not None:
@@ -307,10 +323,13 @@ class VAR(Method):
 
     # -- report ------------------------------------------------------------------------------
     def sink_report(self) -> dict[str, Any]:
-        """Where the sink dims came from and, for the last prefill, each layer's sink positions per row."""
+        """Where the sink dims came from (``source``; ``file``: the sink-dimension file they were read from,
+        or None) and, for the last prefill, each layer's sink positions per row."""
+        file = getattr(self.config, "_sink_dims_file", None)
         out: dict[str, Any] = {
             "source": self.sink_dims_source,
             "sink_dims": None if self._dims is None else self._dims.tolist(),
+            "file": None if file is None else file[0],
             "sinks": {},
         }
         if getattr(self, "_states", None) is None:

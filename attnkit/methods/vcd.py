@@ -116,13 +116,13 @@ class VCD(ContrastiveDecoding):
 
     ``alpha=0`` is the neutral setting: no contrast rows and no cutoff at all (the cutoff alone would
     change sampling), so the model is the unwrapped one. Defaults: the official scripts' cd_alpha=1,
-    cd_beta=0.1, noise_step=500. Families: those whose images the contrast rows can repeat: not InstructBLIP,
-    not LLaVA-OneVision (its repeated images do not match its image tokens in generate(); open).
+    cd_beta=0.1, noise_step=500. Families: those whose images the contrast rows can repeat: not InstructBLIP.
     """
 
     name = "vcd"
     Config = VCDConfig
-    families = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "idefics3")
+    families = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3",
+                "idefics3")
 
     def __init__(self, config: VCDConfig | None = None, *, distort: Any = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -7,8 +7,6 @@ Official code: github.com/jinghan1he/VHR (a replacement of LLaMA's sdpa attentio
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,46 +14,8 @@ import torch
 from ..errors import InputError, MethodArgumentError
 from ..hooks.context import View
 from .base import Contrast, Method, MethodConfig, check_int, check_range
+from .files import load_head_set  # noqa: F401 (re-exported: its home was here)
 from .registry import register
-
-
-def load_head_set(source: Any, method: str = "vhr") -> dict[int, list[int]]:
-    """A fixed head set ``{layer: [heads]}`` from a dict or a JSON file (an object ``{"layer": [heads], ...}``,
-    or one holding it under ``"heads"``, as ``attnkit heads`` writes it); one-line MethodArgumentError."""
-    where = f"{method}: heads"
-    data = source
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        where = f"{method}: heads file {path}"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MethodArgumentError(f"{where} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MethodArgumentError(f"{where} cannot be read ({exc.__class__.__name__})") from None
-        except json.JSONDecodeError as exc:
-            raise MethodArgumentError(f"{where}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        if isinstance(data, dict) and isinstance(data.get("heads"), dict):
-            data = data["heads"]
-    if not isinstance(data, dict):
-        raise MethodArgumentError(f"{where} must map layers to lists of heads, got {type(data).__name__}")
-    out: dict[int, list[int]] = {}
-    for key, heads in data.items():
-        try:
-            layer = int(key)
-        except (TypeError, ValueError):
-            raise MethodArgumentError(f"{where}: layer {key!r} is not an integer") from None
-        if layer < 0:
-            raise MethodArgumentError(f"{where}: layer {layer} is negative")
-        if isinstance(heads, int) and not isinstance(heads, bool):
-            heads = [heads]
-        if not isinstance(heads, (list, tuple)) or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
-            raise MethodArgumentError(f"{where}: layer {layer} must list head indices (integers), got {heads!r}")
-        if any(h < 0 for h in heads):
-            raise MethodArgumentError(f"{where}: layer {layer} lists a negative head index")
-        if heads:
-            out[layer] = sorted(set(heads))
-    return dict(sorted(out.items()))
 
 
 def head_set(chosen: torch.Tensor) -> dict[int, list[int]]:

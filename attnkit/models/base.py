@@ -354,6 +354,9 @@ class Adapter:
                     )
                 twin = self._keep_padding_images(value, twin.to(value.dtype))
             out[key] = torch.cat([value, twin.to(value.device)], dim=0)
+        per_row = out.get("batch_num_images")  # images per row (LLaVA-OneVision): the rows appended carry the same
+        if isinstance(per_row, torch.Tensor) and per_row.dim() == 1:
+            out["batch_num_images"] = torch.cat([per_row, per_row])
         return out
 
     def alter_pixels(
