@@ -148,7 +148,8 @@ class MapObserver(Method):
             present = torch.zeros(self.prompt_len, dtype=torch.bool)
             cols = self._columns(view, view.kv_len)
             keep = view.keep_mask()
-            kept = torch.ones(cols.shape[0], dtype=torch.bool) if keep is None else keep[0, : cols.shape[0]].cpu().bool()
+            kept = (torch.ones(cols.shape[0], dtype=torch.bool) if keep is None
+                    else keep[0, : cols.shape[0]].cpu().bool())
             inside = (cols >= 0) & (cols < self.prompt_len)
             present[cols[inside]] = kept[inside]
             self.present[layer] = present
@@ -337,13 +338,13 @@ def attention_map(
     |RMSNorm(h)_d| > sink_tau``, with VAR's defaults (``sink_defaults()``: tau 20 and its table of sink
     dimensions for the models the paper measured, else the dimensions found from the input); small models
     need a smaller tau (RMS-normed entries are at most sqrt(hidden size)); ``sink_dims`` may also be the path
-    of a file of ``attnkit calibrate sinks`` (read as VAR reads it, refused for a model of another width). ``processor`` and ``image_size``
-    (width, height of the original image) give ``region``, the image pixels the grid covers
-    (``attnkit.eval.grounding.view_region``). Methods that rewrite logits through contrast rows (VCD, ICD)
-    leave the user's row as it is, and the map shows it; vision-side pruning (VisionZip, HiPrune), which
-    hands the language model fewer, merged image tokens, raises MethodArgumentError. Bad layers, heads or
-    tokens raise InputError; a model that is already wrapped raises AlreadyWrappedError. See
-    ``AttentionMaps`` for the fields."""
+    of a file of ``attnkit calibrate sinks`` (read as VAR reads it, refused for a model of another width).
+    ``processor`` and ``image_size`` (width, height of the original image) give ``region``, the image pixels
+    the grid covers (``attnkit.eval.grounding.view_region``). Methods that rewrite logits through contrast
+    rows (VCD, ICD) leave the user's row as it is, and the map shows it; vision-side pruning (VisionZip,
+    HiPrune), which hands the language model fewer, merged image tokens, raises MethodArgumentError. Bad
+    layers, heads or tokens raise InputError; a model that is already wrapped raises AlreadyWrappedError.
+    See ``AttentionMaps`` for the fields."""
     import attnkit
 
     from ..eval.grounding import _answer_lengths, view_region

@@ -184,7 +184,8 @@ def share_point(layer: int, value: float, num_layers: int) -> tuple[int, int]:
     return round(x), round(y)
 
 
-def _dashed(draw: Any, a: tuple[int, int], b: tuple[int, int], fill: tuple[int, int, int], on: int = 5, off: int = 4) -> None:
+def _dashed(draw: Any, a: tuple[int, int], b: tuple[int, int], fill: tuple[int, int, int], on: int = 5,
+            off: int = 4) -> None:
     (xa, ya), (xb, yb) = a, b
     length = max(1.0, ((xb - xa) ** 2 + (yb - ya) ** 2) ** 0.5)
     t = 0.0
