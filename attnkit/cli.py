@@ -1,6 +1,7 @@
 """Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task), ``chair`` (score captions),
-``heads`` (VHR's head divergence of one image and prompt), ``calibrate`` (sink dims, head table),
-``report`` (a run directory as one HTML file) and ``viz`` (attention maps over the image)."""
+``pope`` (score yes/no answers made elsewhere), ``heads`` (VHR's head divergence of one image and prompt),
+``calibrate`` (sink dims, head table), ``report`` (a run directory as one HTML file) and ``viz`` (attention
+maps over the image)."""
 
 from __future__ import annotations
 
@@ -306,6 +307,28 @@ def cmd_chair(args: argparse.Namespace) -> int:
                                   vocab=args.vocab)
     print(format_summary(metrics))
     print(f"\nper-caption results: {written}")
+    return 0
+
+
+def cmd_pope(args: argparse.Namespace) -> int:
+    """Score POPE answers produced elsewhere with one of the papers' answer rules."""
+    import json
+
+    from .eval.pope import PARSERS, format_summary, score_answers_file
+
+    metrics, written = score_answers_file(args.answers, args.questions, parser=args.parser,
+                                          answer_key=args.answer_key, output=args.output)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    rule = PARSERS[args.parser]
+    n = metrics["average"]["n"]
+    print(f"POPE, {n} answers, parser {rule.name}: {rule.rule}\n")
+    print(format_summary(metrics, left_out=True if rule.name == "icd" else None))
+    unanswered = {s: k for s, k in metrics.get("unanswered", {}).items() if k}
+    if unanswered:
+        print("\nquestions without an answer: " + ", ".join(f"{s} {k}" for s, k in unanswered.items()))
+    print(f"\nper-answer results: {written}")
     return 0
 
 
@@ -681,6 +704,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--vocab", default=None,
                    help="vocabulary JSON ({category: [synonyms]}) of a non-COCO set (default COCO's)")
     c.set_defaults(func=cmd_chair)
+
+    from .eval.pope import PARSERS
+
+    pp = sub.add_parser("pope", help="score POPE yes/no answers produced elsewhere",
+                        description="Score POPE answers made by another tool with attnkit's answer rule or the "
+                                    "rule of a paper's script (--parser). Prints accuracy, precision, recall, F1 "
+                                    "and yes ratio per split and their average; writes each answer's verdict.")
+    pp.add_argument("answers", help="JSONL (or JSON list) of answers: a question id (question_id or id), the "
+                                    "answer text (--answer-key), optionally label and split")
+    pp.add_argument("--questions", action="append", default=None, metavar="FILE_OR_DIR",
+                    help="POPE question file, or a dir of {source}_pope_{split}.json files, giving the labels and "
+                         "splits (repeatable; not needed when each answer has a label)")
+    pp.add_argument("--parser", default="attnkit", choices=list(PARSERS),
+                    help="answer rule: attnkit (default, attnkit's own), official (POPE/LLaVA), opera "
+                         "(OPERA/PAI/HALC), vcd (VCD/AGLA), icd (ICD)")
+    pp.add_argument("--answer-key", default="text", help="field of the answer text (default text, as LLaVA's "
+                                                         "answer files; POPE's and OPERA's: answer)")
+    pp.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    pp.add_argument("--output", default=None, help="per-answer results (default ANSWERS.pope.jsonl)")
+    pp.set_defaults(func=cmd_pope)
 
     b = sub.add_parser("build-pope", help="build POPE question files from a COCO-format instances file")
     b.add_argument("instances", help="COCO-format instances JSON (e.g. annotations/instances_val2014.json)")

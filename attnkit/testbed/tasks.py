@@ -69,8 +69,7 @@ class ShapesPopeTask(PopeTask):
                 meta = r.get("meta") or {}
                 kind = meta.get("absent")
                 if meta.get("split") == split and kind in counts:
-                    parsed = r.get("parsed") or self.parse(r.get("output") or "")
-                    counts[kind][0] += parsed == YES
+                    counts[kind][0] += self.verdict(r) == YES
                     counts[kind][1] += 1
             m["false_yes_partner"] = _rate(*counts["partner"])
             m["false_yes_other"] = _rate(*counts["other"])
@@ -119,7 +118,8 @@ def testbed_task(name: str, options: Any, *, seed: int = 0) -> Any:
     if getattr(options, "data_dir", None) is not None or getattr(options, "annotations", None) is not None:
         return None
     if name == "pope":
-        return testbed.pope_task(options.split.split(","), strict=options.strict, suffix=options.suffix)
+        return testbed.pope_task(options.split.split(","), strict=options.strict, suffix=options.suffix,
+                                 parser=options.parser)
     if options.split is not None and options.split != testbed.SPLIT:
         raise AttnkitError(f"--split {options.split}: the testbed ships only its {testbed.SPLIT!r} split")
     if name == "chair":
