@@ -1,7 +1,7 @@
 """Command-line front: ``attnkit list``, ``demo``, ``eval`` (run a task), ``reproduce`` (a paper's table from a
 config), ``chair`` (score captions), ``pope`` (score yes/no answers made elsewhere), ``heads`` (VHR's head
-divergence of one image and prompt), ``calibrate`` (sink dims, head table) and ``report`` (a run directory as
-one HTML file)."""
+divergence of one image and prompt), ``calibrate`` (sink dims, head table), ``report`` (a run directory as one
+HTML file) and ``viz`` (attention maps over the image)."""
 
 from __future__ import annotations
 
@@ -472,6 +472,98 @@ def cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_list(flag: str, text: str | None) -> list[int] | None:
+    """``--layers`` / ``--heads`` text (``2,4,8-10``, ``-1``, ``all``) -> a list of ints, or None for all."""
+    from .options import parse_text
+
+    if text is None or text.strip().lower() in ("all", "none", ""):
+        return None
+    try:
+        out = parse_text(list[int], text)
+    except ValueError:
+        raise AttnkitError(f"{flag} {text!r}: expected indices such as 2,4,8-10 (or all)") from None
+    if not out:
+        raise AttnkitError(f"{flag} {text!r}: expected indices such as 2,4,8-10 (or all)")
+    return out
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    """Attention maps of one (image, prompt) over the image, before and after --method: PNGs and viz.json."""
+    import json
+    import re
+
+    import attnkit
+
+    from .errors import OutputError
+    from .eval.inputs import make_batch
+    from .inspect.maps import attention_map
+    from .inspect.render import render_maps, render_shares
+    from .inspect.heads import _atomic_write
+    from .loading import load_model
+
+    out = _output_dir(args.out)
+    image = _read_image(args.image)
+    layers = _index_list("--layers", args.layers)
+    heads = _index_list("--heads", args.heads)
+    from pathlib import Path
+
+    sink_dims: Any = args.sink_dims  # a file of attnkit calibrate sinks, or a list
+    if sink_dims is not None and not Path(sink_dims).is_file():
+        sink_dims = _index_list("--sink-dims", sink_dims)
+    methods = _make_methods(",".join(args.method), args.method_arg)  # unknown names fail before loading
+    if args.max_new_tokens < 1:
+        raise AttnkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
+    batch = make_batch(processor, attnkit.get_adapter(model), [args.prompt], [image])
+    common = dict(layers=layers, heads=heads, token=args.token, processor=processor, image_size=image.size,
+                  max_new_tokens=args.max_new_tokens, sink_tau=args.sink_tau, sink_dims=sink_dims)
+    before = attention_map(model, batch, **common)
+    after = attention_map(model, batch, methods=methods, **common) if methods else None
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output dir {out}: {e.strerror or e}") from None
+    label = "+".join(m.name for m in methods) or None
+    written = [out / "maps.png", out / "maps_mean.png", out / "shares.png"]
+    render_maps(before, image, after, path=written[0])
+    render_maps(before, image, after, aggregate=True, path=written[1])
+    render_shares(before.shares, after.shares if after else None, label=label or "after", path=written[2])
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    def answer(m: Any) -> str | None:
+        return tokenizer.decode(m.tokens, skip_special_tokens=True) if m.token is None else None
+
+    record: dict[str, Any] = {"model": args.model, "image": args.image, "prompt": args.prompt,
+                              "image_size": list(image.size), "before": dict(before.to_dict(), answer=answer(before))}
+    if after is not None:
+        record["after"] = dict(after.to_dict(), answer=answer(after))
+    # one line per innermost list of numbers (a grid row), the rest indented
+    text = re.sub(r"\[\s+([-0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(record, indent=1)) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(out / "viz.json", write, "viz file")
+    written.append(out / "viz.json")
+    what = f"prompt token {before.token}" if before.token is not None else \
+        f"the answer ({before.answer_steps} steps)"
+    print(f"{args.model}: attention of {what} to the {tuple(before.mean.shape)} image grid, layers "
+          f"{', '.join(map(str, before.layers))}; sinks: tau {before.sink_tau:g}, dims {before.sink_dims_source}")
+    for name, m in (("before", before), (label, after)):
+        if m is None:
+            continue
+        shares = m.shares.mean()
+        said = answer(m)
+        print(f"{name}: " + (f"answer {said!r}; " if said is not None else "") + "image share per layer "
+              + " ".join(f"{v:.3f}" for v in shares["image"].tolist()))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _output_file(path: str, what: str) -> Any:
     """An output file path checked before any work: not a directory, its parent directory exists."""
     from pathlib import Path
@@ -718,6 +810,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     h.add_argument("--device-map", default=None)
     h.add_argument("--trust-remote-code", action="store_true")
     h.set_defaults(func=cmd_heads)
+
+    v = sub.add_parser(
+        "viz", help="attention maps of one image and prompt over the image, before and after --method: PNGs, JSON",
+        description="Greedy-generates the answer (or, with --token, one prefill) with a read-only observer and "
+                    "writes to DIR: maps.png (per chosen layer, the answer's attention to the image tokens over "
+                    "the image; with --method, before and after side by side; visual sinks outlined, pruned "
+                    "tokens grey), maps_mean.png (the mean over the chosen layers), shares.png (per layer, the "
+                    "share of attention on image / text / sink tokens) and viz.json (the numbers).")
+    v.add_argument("--model", required=True, help="hub id, local path, testbed or tiny:FAMILY")
+    v.add_argument("--image", required=True, help="image file")
+    v.add_argument("--prompt", required=True, help="the question or instruction (the model's chat template wraps it)")
+    v.add_argument("--method", action="append", default=[], metavar="NAME",
+                   help="measure again under this method (repeat or comma-separate to compose); none: before only")
+    v.add_argument("--method-arg", action="append", default=[], metavar="[NAME.]K=V")
+    v.add_argument("--layers", default=None, help="layers drawn, e.g. 8-15 or 2,4,6 or -1 (default all)")
+    v.add_argument("--heads", default=None, help="heads averaged, e.g. 0-7 (default all)")
+    v.add_argument("--token", type=int, default=None, metavar="N",
+                   help="observe prompt position N (negative: from the end) at prefill instead of the answer")
+    v.add_argument("--max-new-tokens", type=int, default=8, help="answer length (default 8; stops at EOS)")
+    v.add_argument("--sink-tau", type=float, default=None,
+                   help="VAR's sink threshold (default VAR's 20; small models need less: at most sqrt(hidden))")
+    v.add_argument("--sink-dims", default=None, metavar="LIST|FILE",
+                   help="sink dimensions (1415,2533) or a file of attnkit calibrate sinks (default VAR's: its "
+                        "table, else found from the input)")
+    v.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its parent must exist)")
+    v.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    v.add_argument("--device-map", default=None)
+    v.add_argument("--trust-remote-code", action="store_true")
+    v.set_defaults(func=cmd_viz)
 
     cal = sub.add_parser("calibrate", help="calibrate a model: its sink dimensions (VAR) or a per-head table (VHR, ACT)")
     cal_sub = cal.add_subparsers(dest="what", required=True, parser_class=_Parser)

@@ -14,7 +14,7 @@ total (sum of the four, at most 800). A reply that is neither yes nor no ("other
 
 Replies are read with the official rule (``parse_official``): lower-case the reply; "yes" if
 "yes" occurs in its first four characters, else "no" if "no" does, else "other". ``parser=
-"lmms-eval"`` uses lmms-eval's variant instead (``parse_lmms_eval``). POPE's parser
+"lmms-eval"`` uses lmms-eval's variant instead (``parse_lmms_eval``). attnkit's POPE parser
 (``attnkit.eval.pope.parse_answer``) is not used: it reads the whole first sentence, so "The
 answer is yes." is yes there and other here, and "Yes, there is no dog." is no there and yes here.
 

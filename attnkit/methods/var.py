@@ -92,6 +92,32 @@ def rms_normed(hidden: torch.Tensor, dims: torch.Tensor | None = None) -> torch.
     return part.float().abs() * torch.rsqrt(rms.square() + _EPS)
 
 
+def find_sinks(
+    hidden: torch.Tensor, dims: torch.Tensor | None, tau: float, real: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """VAR's sink rule on a layer's input hidden states (B, q, d): (sinks (B, q) bool, massive (B, d) bool or None).
+
+    A token is a sink if ``max_{d in dims} |RMSNorm(h)_d| > tau`` (RMS norm without the learned scale). With
+    ``dims=None`` the dimensions come from the input: per row, those where the first real token's normed state
+    exceeds tau (returned as ``massive``). ``real`` (B, q) bool: the non-padding tokens (padding is never a sink).
+    """
+    massive = None
+    if dims is not None:
+        sink = (rms_normed(hidden, dims.to(hidden.device)) > tau).any(-1)
+    else:
+        first = real.float().argmax(1) if real is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
+        first_h = hidden[torch.arange(hidden.shape[0]), first.to(hidden.device)]
+        massive = rms_normed(first_h[:, None, :])[:, 0] > tau  # (B, d)
+        found = massive.any(0).nonzero().flatten()
+        if found.numel():
+            sink = ((rms_normed(hidden, found) > tau) & massive[:, None, found]).any(-1)
+        else:
+            sink = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    if real is not None:
+        sink = sink & real.to(sink.device)
+    return sink, massive
+
+
 @register
 class VAR(Method):
     """Visual Attention Redistribution (Kang et al., ICLR 2025).
@@ -225,22 +251,10 @@ class VAR(Method):
         layer = view.layer
         if not view.is_prefill or layer not in self._range:
             return None
-        tau = self.config.tau
-        if self._dims is not None:
-            sink = (rms_normed(hidden, self._dims.to(hidden.device)) > tau).any(-1)
-        else:
-            real = view.attention_mask[:, -hidden.shape[1] :] if view.attention_mask is not None else None
-            first = real.float().argmax(1) if real is not None else torch.zeros(hidden.shape[0], dtype=torch.long)
-            first_h = hidden[torch.arange(hidden.shape[0]), first.to(hidden.device)]
-            massive = rms_normed(first_h[:, None, :])[:, 0] > tau  # (B, d)
+        real = view.attention_mask[:, -hidden.shape[1] :] if view.attention_mask is not None else None
+        sink, massive = find_sinks(hidden, self._dims, self.config.tau, real)
+        if massive is not None:
             self._state(view)["dims"][layer] = massive
-            dims = massive.any(0).nonzero().flatten()
-            if dims.numel():
-                sink = ((rms_normed(hidden, dims) > tau) & massive[:, None, dims]).any(-1)
-            else:
-                sink = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        if view.attention_mask is not None:
-            sink = sink & view.attention_mask[:, -hidden.shape[1] :].to(sink.device)
         self._state(view)["sinks"][layer] = sink
         return None
 
