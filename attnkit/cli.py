@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
+from pathlib import Path
 from typing import Any
 
 from .errors import AttnkitError
@@ -85,9 +87,22 @@ def _method_value(method: str, cls: Any, field: str, text: str) -> Any:
 
     spec = next(s for s in cls.Config.options() if s.name == field)
     try:
-        return spec.parse(text)
+        value = spec.parse(text)
     except ValueError:
         raise MethodArgumentError(bad_value(method, spec, text)) from None
+    # a field that takes a structured value or a file's path (VAR sink_dims, ACT/VHR heads): text that parses
+    # as neither and names no file is a malformed value, not a missing file
+    if isinstance(value, str) and _takes_structure(spec.type) and not Path(value).expanduser().exists():
+        raise MethodArgumentError(f"{bad_value(method, spec, text)}, or the path of a file (none of that name)")
+    return value
+
+
+def _takes_structure(tp: Any) -> bool:
+    """Whether a declared type admits a list, tuple or dict (alone or in a union)."""
+    import typing
+
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(typing.get_origin(a) in (list, tuple, dict) or a in (list, tuple, dict) for a in args)
 
 
 def _make_methods(names: str | None, pairs: list[str]) -> list[Any]:
@@ -292,7 +307,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise AttnkitError("reproduce: --output DIR is required (the runs and the table are written there); "
                            "--dry-run prints the plan without it")
     table = reproduce.run(config, args.output, limit=args.limit, rows=rows, progress=not args.no_progress)
-    from pathlib import Path
 
     print(reproduce.table_markdown(table))
     print(f"written: {Path(args.output) / reproduce.TABLE_MD}, {Path(args.output) / reproduce.TABLE_JSON}")
@@ -421,7 +435,6 @@ def _read_image(path: str) -> Any:
 
 def _output_dir(path: str) -> Any:
     """``--out`` checked before any work: a directory, or a name whose parent directory exists."""
-    from pathlib import Path
 
     from .errors import OutputError
 
@@ -505,7 +518,6 @@ def cmd_viz(args: argparse.Namespace) -> int:
     image = _read_image(args.image)
     layers = _index_list("--layers", args.layers)
     heads = _index_list("--heads", args.heads)
-    from pathlib import Path
 
     sink_dims: Any = args.sink_dims  # a file of attnkit calibrate sinks, or a list
     if sink_dims is not None and not Path(sink_dims).is_file():
@@ -566,7 +578,6 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 def _output_file(path: str, what: str) -> Any:
     """An output file path checked before any work: not a directory, its parent directory exists."""
-    from pathlib import Path
 
     from .errors import OutputError
 
