@@ -182,7 +182,7 @@ def test_sinks_file_errors_name_file_and_key(tmp_path):
         bad.write_text(text)
         with pytest.raises(MethodArgumentError, match=f"var: sink_dims file {bad}.*{message}"):
             VAR(sink_dims=str(bad))
-    with pytest.raises(MethodArgumentError, match="does not exist"):
+    with pytest.raises(MethodArgumentError, match=r"sink_dims=.* or the path of a sinks JSON file \(no file .*none.json\)"):
         VAR(sink_dims=str(tmp_path / "none.json"))
     bad.write_text(json.dumps({"sink_dims": [3], "hidden_size": 4096}))
     with pytest.raises(MethodArgumentError, match="calibrated on a model with hidden_size 4096; this model's is 32"):
@@ -297,7 +297,7 @@ def test_cli_calibrate_errors(tmp_path, image_dir, capsys):
         (["sinks", "--images", str(tmp_path), "--out", str(tmp_path / "s.json")], "holds no image file"),
         (["sinks", "--images", str(image_dir), "--out", str(tmp_path / "no" / "s.json")], "parent directory"),
         (["heads", "--images", str(image_dir), "--out", str(tmp_path / "h.json"), "--sink-dims",
-          str(tmp_path / "missing.json")], "sink_dims file"),
+          str(tmp_path / "missing.json")], "the path of a sinks JSON file (no file"),
         (["sinks", "--images", str(image_dir), "-n", "0", "--out", str(tmp_path / "s.json")], "-n 0"),
     ]
     for args, message in cases:

@@ -297,7 +297,7 @@ def test_defaults_and_heads_file(tmp_path):
         (dict(last_layers=0), "last_layers=0 is out of range"),
         (dict(outlier_filter="yes"), "outlier_filter='yes' must be True or False"),
         (dict(measure_all=1), "measure_all=1 must be True or False"),
-        (dict(heads="/no/such/heads.json"), "heads file /no/such/heads.json does not exist"),
+        (dict(heads="/no/such/heads.json"), r"heads='/no/such/heads.json' must be a dict .* \(no file /no/such/heads.json\)"),
         (dict(heads={"x": [1]}), "layer 'x' is not an integer"),
         (dict(heads={1: "0"}), "layer 1 must list head indices"),
         (dict(heads={1: [-1]}), "negative head index"),

@@ -19,11 +19,11 @@ from typing import Any
 from ..errors import MethodArgumentError
 
 
-def _read(path: Path, where: str) -> Any:
+def _read(path: Path, where: str, missing: str | None = None) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MethodArgumentError(f"{where} does not exist") from None
+        raise MethodArgumentError(missing or f"{where} does not exist") from None
     except IsADirectoryError:
         raise MethodArgumentError(f"{where} is a directory") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -45,7 +45,8 @@ def load_head_set(source: Any, method: str = "vhr") -> dict[int, list[int]]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         where = f"{method}: heads file {path}"
-        data = _read(path, where)
+        data = _read(path, where, f"{method}: heads={str(source)!r} must be a dict {{layer: [heads]}} or the path of a "
+                                  f"head-set JSON file (no file {path})")
         if isinstance(data, dict) and "heads" in data:
             if not isinstance(data["heads"], dict):
                 raise MethodArgumentError(f"{where}: key 'heads' must map layers to lists of heads, "
@@ -77,9 +78,10 @@ def load_sink_dims(path: str | Path, method: str = "var") -> tuple[list[int], di
     """(dims, info) from a sink-dimension file: a JSON list of dimension indices, or an object with
     ``"sink_dims"`` (``attnkit calibrate sinks``); ``info`` holds the object's ``hidden_size``, ``model`` and
     ``tau`` when present (empty for a list). One-line MethodArgumentError naming the file and key."""
-    path = Path(path)
+    text, path = str(path), Path(path)
     where = f"{method}: sink_dims file {path}"
-    data = _read(path, where)
+    data = _read(path, where, f"{method}: sink_dims={text!r} must be a list of dimension indices or the path of a "
+                              f"sinks JSON file (no file {path})")
     info: dict[str, Any] = {}
     if isinstance(data, dict):
         if "sink_dims" not in data:
