@@ -196,7 +196,6 @@ def _add_declared_flags(e: argparse.ArgumentParser, task: str | None, methods: l
     import attnkit
 
     from .eval import get_task_class, list_tasks
-    from .methods.registry import get_method_class
     from .options import option_specs
 
     tasks = list_tasks()
@@ -418,19 +417,9 @@ def _demo_family(args: argparse.Namespace) -> int:
 
 def _read_image(path: str) -> Any:
     """The image at ``path`` as RGB PIL; DataError naming the file when it is missing or unreadable."""
-    from PIL import Image
+    from .eval.inputs import open_rgb
 
-    from .errors import DataError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"image {path} is a directory") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return open_rgb(path)
 
 
 def _output_dir(path: str) -> Any:

@@ -8,6 +8,27 @@ if TYPE_CHECKING:
     from ..models.base import Adapter
 
 
+def open_rgb(src: Any, culprit: str = "") -> Any:
+    """A PIL image, or the image file at ``src``, as RGB. A missing, unreadable or non-image file raises a
+    one-line DataError naming it, after ``culprit`` (e.g. ``"question 12: "``)."""
+    from PIL import Image
+
+    from ..errors import DataError
+
+    if hasattr(src, "convert"):
+        return src.convert("RGB")
+    try:
+        with Image.open(src) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{culprit}image file not found: {src}") from None
+    except IsADirectoryError:
+        raise DataError(f"{culprit}image {src} is a directory") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{culprit}cannot read image {src}: {reason}") from None
+
+
 def chat_text(processor: Any, question: str) -> str:
     """The question as one user turn (image first, then text), with the generation prompt appended."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

@@ -23,12 +23,12 @@ def read_json(path: Path, what: str) -> Any:
         raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
-def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The records of a samples file.
+def read_jsonl(path: Path, *, repair: bool = False, key: str = "id", what: str = "sample record") -> list[dict[str, Any]]:
+    """The records of a samples file (or of another JSON-lines file whose lines all hold ``key``, a ``what``).
 
     The last line is torn when the writer was killed mid-write: it has no trailing newline.
     It is dropped (and, with ``repair``, cut off the file so appends start on a clean line).
-    Any other line that is not a JSON object is an error naming the file and line.
+    Any other line that is not a JSON object with ``key`` is an error naming the file and line.
     """
     if not path.exists():
         return []
@@ -45,8 +45,8 @@ def read_jsonl(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError as e:
             raise DataError(f"{path} line {number}: invalid JSON ({e.args[0].split(':')[0]})") from None
-        if not isinstance(record, dict) or "id" not in record:
-            raise DataError(f"{path} line {number}: not a sample record (no 'id')")
+        if not isinstance(record, dict) or key not in record:
+            raise DataError(f"{path} line {number}: not a {what} (no '{key}')")
         records.append(record)
     return records
 

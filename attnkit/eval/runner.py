@@ -27,7 +27,7 @@ import torch
 
 from ..errors import DataError, OutputError
 from .base import Sample, Task
-from .inputs import make_batch
+from .inputs import make_batch, open_rgb
 from .records import JsonlWriter, ensure_writable, read_jsonl, write_json
 
 SAMPLES = "samples.jsonl"
@@ -113,20 +113,10 @@ def package_versions() -> dict[str, str]:
 
 def _open_image(sample: Sample) -> Any:
     """The sample's image as RGB PIL; unreadable files are a DataError naming the id and the path."""
-    from PIL import Image
-
     src = sample.image
     if callable(src) and not hasattr(src, "convert"):
         src = src()
-    if hasattr(src, "convert"):
-        return src.convert("RGB")
-    try:
-        with Image.open(src) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"question {sample.id}: image file not found: {src}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"question {sample.id}: cannot read image {src}: {e}") from None
+    return open_rgb(src, f"question {sample.id}: ")
 
 
 def _is_path(image: Any) -> bool:

@@ -19,16 +19,17 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import DataError, InputError
+from ..eval.inputs import open_rgb
 from ..methods.base import Method
 from ..methods.files import load_sink_dims
-from ..methods.var import rms_normed, table_sink_dims
+from ..methods.var import find_sinks, rms_normed, table_sink_dims
 from .heads import _atomic_write, _matrix, _round, head_report, render_heatmap
 
 __all__ = [
@@ -66,17 +67,7 @@ def list_images(directory: str | os.PathLike, n: int | None = None) -> list[Path
 
 
 def _open(image: Any) -> Any:
-    from PIL import Image
-
-    if hasattr(image, "convert"):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {image}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {image}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return open_rgb(image)
 
 
 def _batches(model: torch.nn.Module, processor: Any, images: Any, inputs: Any, prompt: str,
@@ -160,8 +151,7 @@ class _SinkProbe(Method):
             "tokens": real.sum(1).cpu(),  # (B,)
         }
         if self.dims is not None:
-            sink = (rms_normed(hidden, self.dims.to(hidden.device)) > self.tau).any(-1) & real
-            self.sinks[view.layer] = sink
+            self.sinks[view.layer] = find_sinks(hidden, self.dims, self.tau, real)[0]  # VAR's rule
         return None
 
 

@@ -87,15 +87,7 @@ def load_run(path: str | os.PathLike) -> RunData:
     per_caption: dict[str, dict[str, Any]] = {}
     chair = path / "chair_per_caption.jsonl"
     if chair.is_file():
-        for number, line in enumerate(chair.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{chair} line {number}: invalid JSON ({e.args[0].split(':')[0]})") from None
-            if not isinstance(entry, dict) or "image_id" not in entry:
-                raise DataError(f"{chair} line {number}: not a CHAIR entry (no 'image_id')")
+        for entry in read_jsonl(chair, key="image_id", what="CHAIR entry"):
             per_caption[str(entry["image_id"])] = entry
     return RunData(path, records, results, run, per_caption)
 
