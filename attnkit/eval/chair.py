@@ -473,6 +473,17 @@ def score_captions(
     return metrics, per
 
 
+def _json_list(text: str, path: Any, what: str) -> list[Any]:
+    """``text`` (the file at ``path``) parsed as a JSON list of ``what``; one-line DataError naming the file."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+    return data
+
+
 def _caption_rows(path: Path) -> Iterable[tuple[str, Any]]:
     """(location, parsed object) of each record of a JSONL file, or of a .json file holding a list."""
     try:
@@ -484,12 +495,7 @@ def _caption_rows(path: Path) -> Iterable[tuple[str, Any]]:
     except OSError as e:
         raise DataError(f"cannot read captions file {path}: {e}") from None
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        data = _json_list(text, path, "objects")
         return [(f"{path} item {i}", obj) for i, obj in enumerate(data, 1)]
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -573,12 +579,7 @@ def read_image_ids(path: str | Path) -> list[tuple[int, str]]:
         raise DataError(f"cannot read CHAIR image id file {src}: {e}") from None
     entries: list[tuple[Any, str]] = []
     if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{src} line {e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{src}: expected a JSON list of image ids")
+        data = _json_list(text, src, "image ids")
         entries = [(v, f"{src} item {k}") for k, v in enumerate(data, 1)]
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
