@@ -267,7 +267,6 @@ def _method_flag_pairs(args: argparse.Namespace) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run a benchmark task through a model wrapped with the given methods."""
     from .eval.runner import RunSettings, run_task
-    from .loading import load_model
 
     task = _make_task(args)
     methods = _make_methods(args.method, [*args.method_arg, *_method_flag_pairs(args)])
@@ -275,8 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            seed=args.seed, resume=args.resume, skip_missing=args.skip_missing,
                            progress=not args.no_progress, do_sample=args.do_sample,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                  trust_remote_code=args.trust_remote_code, seed=args.seed)
+    model, processor = _load(args, seed=args.seed)
     from .eval import get_task_class
     from .options import option_specs
 
@@ -442,12 +440,10 @@ def cmd_heads(args: argparse.Namespace) -> int:
     from .errors import OutputError
     from .eval.inputs import make_batch
     from .inspect.heads import head_report, render_heatmap, save_heads_json
-    from .loading import load_model
 
     out = _output_dir(args.out)
     image = _read_image(args.image)
-    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                  trust_remote_code=args.trust_remote_code)
+    model, processor = _load(args)
     batch = make_batch(processor, attnkit.get_adapter(model), [args.prompt], [image])
     report = head_report(model, batch, alpha=args.alpha, last_layers=args.last_layers,
                          outlier_filter=not args.no_outlier_filter)
@@ -501,7 +497,6 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from .inspect.maps import attention_map
     from .inspect.render import render_maps, render_shares
     from .inspect.heads import _atomic_write
-    from .loading import load_model
 
     out = _output_dir(args.out)
     image = _read_image(args.image)
@@ -514,8 +509,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     methods = _make_methods(",".join(args.method), args.method_arg)  # unknown names fail before loading
     if args.max_new_tokens < 1:
         raise AttnkitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                  trust_remote_code=args.trust_remote_code)
+    model, processor = _load(args)
     batch = make_batch(processor, attnkit.get_adapter(model), [args.prompt], [image])
     common = dict(layers=layers, heads=heads, token=args.token, processor=processor, image_size=image.size,
                   max_new_tokens=args.max_new_tokens, sink_tau=args.sink_tau, sink_dims=sink_dims)
@@ -581,7 +575,6 @@ def _output_file(path: str, what: str) -> Any:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``attnkit calibrate sinks|heads``: see attnkit.inspect.calibrate."""
     from .inspect import calibrate as cal
-    from .loading import load_model
 
     from .errors import DataError
 
@@ -601,8 +594,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.what == "heads" and args.png is not None:
         png = _output_file(args.png, "heat map")
     images = cal.list_images(args.images, args.n)
-    model, processor = load_model(args.model, dtype=args.dtype, device_map=args.device_map,
-                                  trust_remote_code=args.trust_remote_code)
+    model, processor = _load(args)
     if args.what == "sinks":
         calib = cal.calibrate_sinks(model, processor, images, prompt=prompt, n=args.n, tau=args.tau,
                                     min_layers=args.min_layers, max_token_share=args.max_token_share)
@@ -651,6 +643,21 @@ def _demo_methods() -> tuple[str, ...]:
     from .testbed.demo import DEFAULT_METHODS
 
     return DEFAULT_METHODS
+
+
+def _add_loading_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype, --device-map and --trust-remote-code: how every command that loads a model loads it."""
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
+    p.add_argument("--device-map", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _load(args: argparse.Namespace, **kwargs: Any) -> tuple[Any, Any]:
+    """(model, processor) from --model and the loading flags (attnkit.loading.load_model)."""
+    from . import loading
+
+    return loading.load_model(args.model, dtype=args.dtype, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -707,9 +714,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="run directory (samples.jsonl, results.json)")
     e.add_argument("--resume", action="store_true", help="continue the run in --output, skipping logged ids")
     e.add_argument("--skip-missing", action="store_true", help="skip samples whose image file is missing")
-    e.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    e.add_argument("--device-map", default=None)
-    e.add_argument("--trust-remote-code", action="store_true")
+    _add_loading_flags(e)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
     if declared:
@@ -806,9 +811,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="VHR selects heads in the last N layers (default: the family's, 14 of 32 for LLaVA)")
     h.add_argument("--no-outlier-filter", action="store_true",
                    help="keep the VHD of heads whose VHD and image-free norm both exceed mean + std of their layer")
-    h.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    h.add_argument("--device-map", default=None)
-    h.add_argument("--trust-remote-code", action="store_true")
+    _add_loading_flags(h)
     h.set_defaults(func=cmd_heads)
 
     v = sub.add_parser(
@@ -835,9 +838,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="sink dimensions (1415,2533) or a file of attnkit calibrate sinks (default VAR's: its "
                         "table, else found from the input)")
     v.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its parent must exist)")
-    v.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    v.add_argument("--device-map", default=None)
-    v.add_argument("--trust-remote-code", action="store_true")
+    _add_loading_flags(v)
     v.set_defaults(func=cmd_viz)
 
     cal = sub.add_parser("calibrate", help="calibrate a model: its sink dimensions (VAR) or a per-head table (VHR, ACT)")
@@ -880,9 +881,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             c2.add_argument("--no-outlier-filter", action="store_true", help="VHD without VHR's outlier filter")
             c2.add_argument("--png", default=None, metavar="FILE",
                             help="the VHD heat map (default FILE-stem.png; the others next to it)")
-        c2.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-        c2.add_argument("--device-map", default=None)
-        c2.add_argument("--trust-remote-code", action="store_true")
+        _add_loading_flags(c2)
         c2.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("report", help="a run directory (attnkit eval or reproduce) as one self-contained HTML file",
