@@ -66,6 +66,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    Qwen2Config,
 )
 
 import attnkit
@@ -132,10 +133,13 @@ def plant_sinks(model, inputs) -> None:
         layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _text_config(hidden: int, layers: int, heads: int, intermediate: int = 0) -> LlamaConfig:
-    return LlamaConfig(
+def _text_config(hidden: int, layers: int, heads: int, intermediate: int = 0, kv_heads: int = 0,
+                 text_type: str = "llama"):
+    """The LM config: LLaMA (MHA unless kv_heads), or Qwen2 (GQA, q/k/v biases: the LM of LLaVA-OneVision-7B)."""
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text_type]
+    return cls(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=8192,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=8192,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
 
@@ -147,18 +151,19 @@ def _vision_config() -> CLIPVisionConfig:
 
 
 def build(preset: str, hidden: int, layers: int, heads: int, text_tokens: int, intermediate: int = 0,
-          device: str = "cpu", dtype: str = "float32"):
+          device: str = "cpu", dtype: str = "float32", kv_heads: int = 0, text_type: str = "llama"):
     """(model, inputs) for a preset; weights random (timing does not depend on them)."""
+    text_config = _text_config(hidden, layers, heads, intermediate, kv_heads, text_type)
     torch.manual_seed(0)
     if preset == "llava15-mini":
-        cfg = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(hidden, layers, heads, intermediate),
+        cfg = LlavaConfig(vision_config=_vision_config(), text_config=text_config,
                           image_token_index=IMAGE_TOKEN, image_seq_length=576, vision_feature_select_strategy="default")
         with torch.device(device):  # built on the device (a 7B-wide model initialises in seconds on a GPU)
             model = LlavaForConditionalGeneration(cfg)
         n_image = 576
         extra = {"pixel_values": torch.randn(1, 3, 336, 336)}
     elif preset == "llavanext-mini":
-        cfg = LlavaNextConfig(vision_config=_vision_config(), text_config=_text_config(hidden, layers, heads, intermediate),
+        cfg = LlavaNextConfig(vision_config=_vision_config(), text_config=text_config,
                               image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[672, 672]],
                               vision_feature_select_strategy="default")
         with torch.device(device):
