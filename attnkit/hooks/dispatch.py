@@ -208,6 +208,10 @@ def _run(handle, roles: Roles, module, layer: int, query, key, value, attention_
     q_len, kv_len = query.shape[2], key.shape[2]
     if roles.output_only and opts.fused_head_output and call.softcap is None and not call.want_weights:
         return fast.head_output(call, roles, view, handle.state, opts).contiguous(), None
+    if not call.value.is_contiguous():
+        # a prefill's values come straight from the projections, (B, S, KVH, D) transposed; the kernel's blocks
+        # take value prefixes as (B * KVH, K, D) matrices, which would copy them once per block
+        call.value = call.value.contiguous()
     if opts.single_row and q_len == 1 and not call.dropout:
         visible = bool_mask(attention_mask, 1, kv_len, query.device)
         if visible is None or (visible.dim() == 4 and visible.shape[1:3] == (1, 1) and visible.shape[3] == kv_len):

@@ -165,19 +165,30 @@ def column_form(call: Call, roles: Roles, view: View, rows, opts: KernelOptions)
     if cols is None or cols.numel() == 0:
         return out.transpose(1, 2)
     cols = cols.to(dev)
-    q = (call.query if rows is None else call.query[:, :, rows]) * call.scaling
-    s_j = torch.bmm(grouped(q, kv_heads), flat(call.key[:, :, cols]).transpose(1, 2))  # as the blocks had them
-    s_j = s_j.view(bsz, n_heads, pos_all.numel(), cols.numel()).float().sub_(lse[..., None])
-    if call.mask is not None:
-        seen = (call.mask[:, :, pos_all] if call.mask.shape[2] > 1 else call.mask)[..., cols]
-    else:
-        seen = (cols[None, :] <= pos_all[:, None])[None, None] if call.causal else None
-    p_j = s_j.exp_() if seen is None else s_j.exp_().masked_fill_(~seen, 0.0)
-    factor, new = method.reweight(view.at(pos_all, seen), p_j, cols)
-    delta = (new - factor * p_j).to(call.value.dtype)
-    corr = torch.bmm(grouped(delta, kv_heads), flat(call.value[:, :, cols])).view(bsz, n_heads, -1, head_dim)
-    out = (out.float() * factor + corr.float()).to(call.query.dtype)
-    redo = (factor.abs() > opts.column_max_factor).flatten(0, 1).any(0).flatten().nonzero().flatten()
+    k_cols = flat(call.key[:, :, cols]).transpose(1, 2)
+    v_cols = flat(call.value[:, :, cols])
+    # the correction a block of rows at a time (its fp32 temporaries, rows x (|J| + 2 D) per head, would take
+    # several times the output's size for all rows at once: 180 MB at 2969 tokens and LLaMA-7B width)
+    step = opts.rows_per_block(dev, bsz * n_heads * (cols.numel() + 2 * head_dim), opts.column_chunk_elements)
+    redo = []
+    for start in range(0, pos_all.numel(), step):
+        end = min(pos_all.numel(), start + step)
+        pos = pos_all[start:end]
+        q = (call.query[:, :, start:end] if rows is None else call.query[:, :, pos]) * call.scaling
+        s_j = torch.bmm(grouped(q, kv_heads), k_cols)  # as the blocks had them
+        s_j = s_j.view(bsz, n_heads, end - start, cols.numel()).float().sub_(lse[:, :, start:end, None])
+        if call.mask is not None:
+            seen = (call.mask[:, :, pos] if call.mask.shape[2] > 1 else call.mask)[..., cols]
+        else:
+            seen = (cols[None, :] <= pos[:, None])[None, None] if call.causal else None
+        p_j = s_j.exp_() if seen is None else s_j.exp_().masked_fill_(~seen, 0.0)
+        factor, new = method.reweight(view.at(pos, seen), p_j, cols)
+        delta = (new - factor * p_j).to(call.value.dtype)
+        corr = torch.bmm(grouped(delta, kv_heads), v_cols).view(bsz, n_heads, end - start, head_dim)
+        factor = torch.as_tensor(factor, device=dev).float().expand(bsz, n_heads, end - start, 1)
+        out[:, :, start:end] = (out[:, :, start:end].float() * factor + corr.float()).to(out.dtype)
+        redo.append((factor.abs() > opts.column_max_factor).flatten(0, 1).any(0).flatten().nonzero().flatten() + start)
+    redo = torch.cat(redo)
     if redo.numel():
         again = Roles([method], stats=False)  # the statistics are in already
         part, _ = reference(call, again, view, pos_all[redo], opts)

@@ -94,6 +94,17 @@ class Call:
     want_weights: bool
     attention_mask: Any  # the mask as transformers gave it (for sdpa)
     kwargs: dict
+    #: flat(key) transposed to (B * KVH, D, K), contiguous: built once by ``keys_t`` for the blocks that
+    #: take a key prefix (a prefix of the transposed view makes bmm copy it, at every block)
+    _keys_t: torch.Tensor | None = None
+
+    def keys_t(self, kv_end: int) -> torch.Tensor:
+        """(B * KVH, D, kv_end): the first ``kv_end`` keys, transposed, for ``q @ k^T``."""
+        if kv_end == self.key.shape[2]:
+            return flat(self.key).transpose(1, 2)
+        if self._keys_t is None:
+            self._keys_t = flat(self.key).transpose(1, 2).contiguous()
+        return self._keys_t[:, :, :kv_end]
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
@@ -172,7 +183,7 @@ def block_scores(call: Call, pos: torch.Tensor, sl: slice | None, visible, kv_en
         query = query[:, :, sl]
     q = query * call.scaling
     r = q.shape[2]
-    scores = torch.bmm(grouped(q, kv_heads), flat(call.key[:, :, :kv_end]).transpose(1, 2)).view(bsz, n_heads, r, kv_end)
+    scores = torch.bmm(grouped(q, kv_heads), call.keys_t(kv_end)).view(bsz, n_heads, r, kv_end)
     if call.softcap is not None:
         scores = torch.tanh(scores / call.softcap) * call.softcap
     dead = None
