@@ -295,3 +295,35 @@ def test_pdrop_official_positions_against_the_model_run_by_hand():
     torch.testing.assert_close(plain[-1], logits(model, inputs)[0, -1], atol=1e-5, rtol=0)  # the helper is sound
     last = lm_by_hand.check_both_layouts(model, inputs, lambda positions: PyramidDrop(positions=positions), _pdrop_by_hand)
     assert (last["official"] - last["original"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "gemma3", "instructblip"])
+def test_capture_standins_give_the_whole_modules_probabilities(family, monkeypatch):
+    """PyramidDrop's capture computes Q for the ranked row only and skips V and O (capture._standins): its
+    probabilities equal those of the whole attention module, and the module gets its projections back
+    (the ranking itself is checked against eager attention above)."""
+    from attnkit.hooks import capture
+
+    model, inputs = _deep(family)
+    attn = model.get_decoder().layers[1].self_attn
+    before = {name: getattr(attn, name, None) for name in capture.STANDIN_PROJECTIONS}
+    assert capture._standins(attn, torch.tensor([0])) is not None  # the families' modules take the stand-ins
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    original = capture.layer_attention
+
+    def recording(*args, **kwargs):
+        probs = original(*args, **kwargs)
+        seen[capture.STANDIN].append(probs)
+        return probs
+
+    monkeypatch.setattr(capture, "layer_attention", recording)
+    out = {}
+    for standin in (True, False):
+        monkeypatch.setattr(capture, "STANDIN", standin)
+        out[standin], drops, keep = _run(model, inputs, PyramidDrop(mode="mask"))  # mask mode: every family
+        assert keep and not drops
+    assert len(seen[True]) == len(seen[False]) == len(PyramidDrop(layers=(8, 16, 24)).config.layers)
+    for a, b in zip(seen[True], seen[False]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+    assert {name: getattr(attn, name, None) for name in capture.STANDIN_PROJECTIONS} == before
