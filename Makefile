@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-oldest test-transformers bench bench-prune clean
+.PHONY: install demo test test-oldest test-transformers bench bench-prune bench-width clean
 
 install: $(STAMP)
 
@@ -56,6 +56,9 @@ bench: $(STAMP)
 
 bench-prune: $(STAMP)
 	$(PY) scripts/bench_prune.py --preset llava15-mini --repeats 3
+
+bench-width: $(STAMP)
+	$(PY) scripts/bench_width.py
 
 clean:
 	rm -rf $(VENV) .venv-tf* build *.egg-info .pytest_cache
