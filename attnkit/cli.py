@@ -645,6 +645,13 @@ def _demo_methods() -> tuple[str, ...]:
     return DEFAULT_METHODS
 
 
+def _add_image_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --image and --prompt of the one-image commands (heads, viz)."""
+    p.add_argument("--model", required=True, help="hub id, local path, testbed or tiny:FAMILY")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question or instruction (the model's chat template wraps it)")
+
+
 def _add_loading_flags(p: argparse.ArgumentParser) -> None:
     """--dtype, --device-map and --trust-remote-code: how every command that loads a model loads it."""
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
@@ -799,9 +806,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "(vhd, vhd_raw, norm: layers x heads; heads: {layer: [heads]} VHR selects, readable "
                     "back by vhr's heads option; the settings) and DIR/heads.png (a heat map, layers x heads, "
                     "the selected heads outlined).")
-    h.add_argument("--model", required=True, help="hub id, local path, testbed or tiny:FAMILY")
-    h.add_argument("--image", required=True, help="image file")
-    h.add_argument("--prompt", required=True, help="the question or instruction (the model's chat template wraps it)")
+    _add_image_prompt_flags(h)
     h.add_argument("--out", required=True, metavar="DIR", help="output directory (created; its parent must exist)")
     h.add_argument("--alpha", type=float, default=2.0,
                    help="VHR's reinforcement (default 2.0, VHR's): the outlined heads are exactly those VHR "
@@ -821,9 +826,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "the image; with --method, before and after side by side; visual sinks outlined, pruned "
                     "tokens grey), maps_mean.png (the mean over the chosen layers), shares.png (per layer, the "
                     "share of attention on image / text / sink tokens) and viz.json (the numbers).")
-    v.add_argument("--model", required=True, help="hub id, local path, testbed or tiny:FAMILY")
-    v.add_argument("--image", required=True, help="image file")
-    v.add_argument("--prompt", required=True, help="the question or instruction (the model's chat template wraps it)")
+    _add_image_prompt_flags(v)
     v.add_argument("--method", action="append", default=[], metavar="NAME",
                    help="measure again under this method (repeat or comma-separate to compose); none: before only")
     v.add_argument("--method-arg", action="append", default=[], metavar="[NAME.]K=V")

@@ -65,7 +65,6 @@ import gc
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -76,6 +75,7 @@ import torch
 
 import attnkit
 from attnkit.hooks import compat
+from attnkit.hooks.branch import positions  # padding-aware position ids, as generate() builds them
 
 _spec = importlib.util.spec_from_file_location("attnkit_bench", Path(__file__).with_name("bench.py"))
 bench = importlib.util.module_from_spec(_spec)
@@ -183,24 +183,19 @@ class LayerTimer:
             h.remove()
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
 class PeakRSS:
     """RSS a block adds at its peak (Linux): VmHWM reset before it, minus the RSS before it."""
 
     def __enter__(self) -> PeakRSS:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.before = _rss_kb("VmRSS")
+        self.before = bench._rss_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return self
 
     def __exit__(self, *exc) -> None:
-        self.added_mb = (_rss_kb("VmHWM") - self.before) / 1024
+        self.added_mb = (bench._rss_kb("VmHWM") - self.before) / 1024
 
 
 # -- models and inputs ----------------------------------------------------------------------------------------
@@ -265,11 +260,6 @@ def plant_sinks(model, batches: list[dict]) -> None:
         layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def prefill_positions(mask: torch.Tensor) -> torch.Tensor:
-    pos = mask.long().cumsum(-1) - 1
-    return pos.masked_fill(mask == 0, 0)
-
-
 class Config:
     """One configuration: its own model object (weights shared with the reference), handle and timer."""
 
@@ -288,7 +278,7 @@ class Config:
         self.cache.pop(batch, None)  # (callers measuring memory drop it first: drop_cache)
         self.timer.reset()
         with torch.no_grad():
-            out = self.model(**inputs, position_ids=prefill_positions(inputs["attention_mask"]), use_cache=True,
+            out = self.model(**inputs, position_ids=positions(inputs["attention_mask"]), use_cache=True,
                              logits_to_keep=1)
         times = self.timer.read()
         cache = compat.output_cache(out)
@@ -477,7 +467,7 @@ def lm_times(base, batch: int, lengths: list[int]) -> dict[int, list[float]]:
                 mask[r, : 2 * r] = 0
             timer.reset()
             with torch.no_grad():
-                lm(inputs_embeds=embeds, attention_mask=mask, position_ids=prefill_positions(mask), use_cache=False)
+                lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
             out[n] = timer.read()["layer"]
     finally:
         timer.remove()
